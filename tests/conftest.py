@@ -1,0 +1,42 @@
+"""Shared fixtures.
+
+TensorFlow is configured here, before any test touches it: the one physical CPU is split into
+two logical devices so that `tf.distribute.MirroredStrategy` tests run without a GPU.
+"""
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_GLAS_DIR = Path(
+    os.environ.get("KERAS_GLAS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "glas")
+)
+
+
+@pytest.fixture(scope="session")
+def shared_glas_dir():
+    """`../shared/data/glas` (real GlaS images, grades, binary masks); skips where absent."""
+    if not (SHARED_GLAS_DIR / "train_1.bmp").is_file():
+        pytest.skip(f"real GlaS images not found at {SHARED_GLAS_DIR} (set KERAS_GLAS_SHARED_DATA)")
+    return SHARED_GLAS_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory):
+    """A TFDS data_dir with `glas/synthetic` built once per test session."""
+    import tensorflow_datasets as tfds
+
+    import tfds_glas  # noqa: F401  (registers the `glas` builder)
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds.builder("glas/synthetic", data_dir=str(data_dir)).download_and_prepare()
+    return str(data_dir)
