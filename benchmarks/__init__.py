@@ -1,0 +1,1 @@
+"""Benchmarks of keras-glas: each prints its numbers and writes them as JSON."""

@@ -1,0 +1,649 @@
+"""GlaS@MICCAI'2015 evaluation metrics (NumPy/SciPy only).
+
+Two protocols live here, so that numbers are only ever compared with numbers computed the same
+way:
+
+**Official** (`object_f1`, `object_dice`, `object_hausdorff`, `glas_scores`): the challenge's
+definitions (its evaluation page and MATLAB code, `F1score.m`, `ObjectDice.m`,
+`ObjectHausdorff.m`). Inputs are integer label maps, 0 = background, ids need not be
+consecutive; instances are taken as given (touching glands stay apart). An object's *partner*
+is the object on the other side that covers most of its pixels, the smallest id on ties
+(MATLAB's `mode`).
+
+- F1: a predicted object is a true positive when it covers **more than half** of its partner
+  ground-truth object, otherwise (also when it touches no ground truth) a false positive;
+  FN = number of ground-truth objects - TP; F1 = 2 TP / (2 TP + FP + FN).
+- Object Dice = 1/2 [sum_i w_i Dice(S_i, partner(S_i)) + sum_j v_j Dice(G_j, partner(G_j))],
+  w_i = |S_i| / sum |S|, v_j = |G_j| / sum |G|; an object without partner has Dice 0.
+- Object Hausdorff: the same weighting of the Euclidean Hausdorff distance over all pixels of
+  both objects. An object that overlaps nothing is paired with the object of the other side of
+  the same image that is nearest in Hausdorff distance (on ties, which one does not matter).
+- A split is **pooled**: TP/FP/FN are summed over images and the weights run over all objects
+  of all images of the split (`glas_scores`); the one-image functions are the pooled scores of
+  a split of one image.
+- Edge cases. No object on either side: F1 1, Dice 1, Hausdorff 0. Objects in an image whose
+  other side is empty get Dice 0 and, **our choice**, a Hausdorff distance equal to that
+  image's diagonal sqrt(H**2 + W**2) (the official code gives Inf, which would make the split's
+  score Inf; the diagonal is the finite bound the seed's helper also uses). A split with no
+  object at all on one side: Dice 0, Hausdorff = the largest image diagonal of the split.
+
+**Seed-compatible** (`count_score`, `seed_compatible_scores`): what the seed study's helper
+(s153048/02456DL_Finalproject `metrics/binary_metrics.py`, class `BinaryImageMetrics`, from
+petoor/ImageMetrics) computes, re-implemented here. It binarises both maps and relabels them
+into 8-connected components (`skimage.measure.label`'s default full connectivity), so
+touching instances merge; it scores one image at a time and the seed averaged the per-image
+numbers over a split. See `seed_compatible_image_scores` for its exact definitions.
+
+Speed: everything per image comes from one contingency table (`np.bincount` over paired ids);
+Hausdorff distances are computed on the crop that holds the two objects
+(`scipy.ndimage.find_objects` boxes), from the pixels of one object outside the other to the
+other's boundary pixels, never on full-image masks; the nearest-object search for objects
+without overlap is pruned with bounding-box lower bounds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import multiprocessing
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial.distance import directed_hausdorff
+
+# 8-connectivity, as everywhere in the project (and skimage.measure.label's 2-D default).
+EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+# SciPy's early-break Hausdorff visits points in random order; only its speed depends on the
+# order, never its result. One shared generator saves seeding a new one at every call.
+_VISIT_ORDER_RNG = np.random.default_rng(0)
+
+# Overlap tables up to this many cells are counted on raw ids; larger ids are compacted first.
+_MAX_TABLE_SIZE = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------
+# Input checking and label bookkeeping
+# --------------------------------------------------------------------------------------------
+def check_label_map(labels, name: str = "labels") -> np.ndarray:
+    """Validate one label map and return it as a NumPy array.
+
+    Args:
+        labels: array-like (H, W) of any integer dtype (or bool), 0 = background, ids >= 0.
+        name: the argument's name, used in error messages.
+
+    Returns:
+        The same data as an `np.ndarray` (H, W), its dtype unchanged (bool viewed as uint8).
+
+    Raises:
+        ValueError: not 2-D, empty, not of an integer/bool dtype, or with negative ids.
+    """
+    array = np.asarray(labels)
+    if array.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D label map (H, W); got shape {array.shape}. Pass one image at "
+            "a time (squeeze batch/channel axes), or a list of maps to `glas_scores`."
+        )
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise ValueError(
+            f"{name} must have an integer dtype (label ids, 0 = background); got {array.dtype}. "
+            "Threshold probabilities and label the mask first (e.g. "
+            "keras_glas.postprocess.postprocess_instances)."
+        )
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape}); a label map needs pixels.")
+    if array.dtype == np.bool_:
+        return array.view(np.uint8)  # a binary mask is a map with at most one object
+    if array.min() < 0:
+        raise ValueError(f"{name} has negative ids (min {array.min()}); ids must be >= 0.")
+    return array
+
+
+def _check_pair(pred, gt, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    pred = check_label_map(pred, f"pred{where}")
+    gt = check_label_map(gt, f"gt{where}")
+    if pred.shape != gt.shape:
+        raise ValueError(
+            f"pred{where} and gt{where} must have the same shape; got {pred.shape} and "
+            f"{gt.shape}. Resize the prediction to the ground truth's size before scoring."
+        )
+    return pred, gt
+
+
+def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Renumber the ids of a label map to 1..K, keeping their order.
+
+    Keeping the order means "smallest compact id" is "smallest original id", which is the
+    challenge's tie rule.
+
+    Args:
+        labels: integer array (H, W), ids >= 0.
+
+    Returns:
+        `(compact, K)`: int32 array (H, W) with ids 1..K (0 stays background), and K.
+    """
+    ids, inverse = np.unique(labels, return_inverse=True)
+    has_background = bool(ids[0] == 0)
+    compact = inverse.reshape(labels.shape).astype(np.int32) + (0 if has_background else 1)
+    return compact, int(ids.size - has_background)
+
+
+def _overlap_table(pred: np.ndarray, gt: np.ndarray):
+    """Overlap counts of every predicted object with every ground-truth object.
+
+    One `np.bincount` over paired ids, on the raw ids when the table is small enough (no
+    relabelling pass over the image), else after `compact_labels`.
+
+    Args:
+        pred, gt: integer label maps (H, W).
+
+    Returns:
+        `(table, pred, pred_ids, gt, gt_ids)`: `table` int64 (K + 1, M + 1), row/column 0 =
+        background, rows/columns 1.. = the K predicted / M ground-truth objects by increasing
+        id; `pred`, `gt` the maps (compacted if needed) in which the objects have the ids
+        `pred_ids` int (K,) and `gt_ids` int (M,).
+    """
+    max_pred, max_gt = int(pred.max()), int(gt.max())
+    if (max_pred + 1) * (max_gt + 1) > _MAX_TABLE_SIZE:
+        (pred, max_pred), (gt, max_gt) = compact_labels(pred), compact_labels(gt)
+    paired = np.multiply(pred.ravel(), max_gt + 1, dtype=np.intp)
+    np.add(paired, gt.ravel(), out=paired, casting="unsafe")  # ids < 2**63: exact
+    table = np.bincount(paired, minlength=(max_pred + 1) * (max_gt + 1))
+    table = table.reshape(max_pred + 1, max_gt + 1)
+    pred_ids = np.flatnonzero(table[1:].any(axis=1)) + 1
+    gt_ids = np.flatnonzero(table[:, 1:].any(axis=0)) + 1
+    return table[np.ix_(np.r_[0, pred_ids], np.r_[0, gt_ids])], pred, pred_ids, gt, gt_ids
+
+
+def _object_boxes(labels: np.ndarray, ids: np.ndarray) -> list[tuple[slice, slice]]:
+    """Bounding boxes (`find_objects` slices) of the objects `ids` (all present) of `labels`."""
+    boxes = ndimage.find_objects(labels, max_label=int(ids[-1]) if len(ids) else 0)
+    return [boxes[i - 1] for i in ids]
+
+
+def _partners(overlap: np.ndarray) -> np.ndarray:
+    """Partner of each object (row) among the columns, by largest overlap, smallest on ties.
+
+    Args:
+        overlap: int (K, M) overlaps of K objects with M objects of the other side (no bg).
+
+    Returns:
+        int64 (K,) 0-based column of the partner, -1 when the object overlaps nothing.
+    """
+    if overlap.shape[1] == 0:
+        return np.full(overlap.shape[0], -1, dtype=np.int64)
+    best = overlap.argmax(axis=1)  # argmax returns the first maximum: the smallest id
+    return np.where(overlap.max(axis=1) > 0, best, -1)
+
+
+def image_diagonal(shape: Sequence[int]) -> float:
+    """sqrt(H**2 + W**2) of an image of `shape` (H, W, ...): the Hausdorff of a missing match."""
+    return math.hypot(shape[0], shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Hausdorff distance of two objects
+# --------------------------------------------------------------------------------------------
+def _union_window(first: tuple[slice, slice], second: tuple[slice, slice]) -> tuple[slice, ...]:
+    return tuple(
+        slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(first, second)
+    )
+
+
+def _inner_boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` with a 4-neighbour inside the window that is not in `mask` (bool)."""
+    interior = mask.copy()
+    interior[1:] &= mask[:-1]
+    interior[:-1] &= mask[1:]
+    interior[:, 1:] &= mask[:, :-1]
+    interior[:, :-1] &= mask[:, 1:]
+    return mask & ~interior
+
+
+def _directed_hausdorff(source: np.ndarray, target: np.ndarray) -> float:
+    """max over `source` pixels of the Euclidean distance to the nearest `target` pixel.
+
+    Both are bool masks of one window that holds both objects. Every pixel of `source` counts,
+    not only its boundary (a prediction with a hole, a missed lumen, is far from the ground
+    truth's inner pixels, which are not on its boundary). The *target* can be reduced to its
+    inner boundary: the target pixel nearest to an outside point p has its 4-neighbour
+    towards p outside the target (else that neighbour would be nearer), and that neighbour
+    lies in the window (the box spanned by p and the target pixel). Source pixels inside the
+    target are at distance 0. SciPy's early-break directed Hausdorff is exact.
+    """
+    outside = source & ~target
+    if not outside.any():
+        return 0.0
+    distance = directed_hausdorff(
+        np.argwhere(outside).astype(np.float64),
+        np.argwhere(_inner_boundary(target)).astype(np.float64),
+        rng=_VISIT_ORDER_RNG,
+    )[0]
+    return float(distance)
+
+
+def mask_hausdorff(first: np.ndarray, second: np.ndarray) -> float:
+    """Symmetric Euclidean Hausdorff distance over all pixels of two non-empty bool masks.
+
+    Args:
+        first, second: bool (h, w) masks of the same window, each with at least one pixel.
+
+    Returns:
+        max(max_{a in first} d(a, second), max_{b in second} d(b, first)), in pixels.
+    """
+    return max(_directed_hausdorff(first, second), _directed_hausdorff(second, first))
+
+
+def _bbox_lower_bound(box: tuple[slice, slice], others: list[tuple[slice, slice]]) -> np.ndarray:
+    """Lower bounds of the Hausdorff distances between one object and each of `others`.
+
+    Projecting on an axis is 1-Lipschitz, and the Hausdorff distance of two sets of numbers is
+    at least the difference of their minima (and of their maxima), so the largest difference of
+    bounding-box edges bounds the Hausdorff distance from below.
+    """
+    edges = np.array([(b[0].start, b[0].stop, b[1].start, b[1].stop) for b in others])
+    mine = np.array([box[0].start, box[0].stop, box[1].start, box[1].stop])
+    return np.abs(edges - mine).max(axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Official protocol
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ImageTerms:
+    """Per-object terms of one image under the official protocol, ready to be pooled.
+
+    Attributes:
+        pred_area, gt_area: int64 (K,), (M,) object sizes in pixels.
+        pred_dice, gt_dice: float64 (K,), (M,) Dice of each object with its partner (0 if none).
+        pred_hausdorff, gt_hausdorff: float64 (K,), (M,) Hausdorff distance to the partner
+            (nearest object when no overlap; the image diagonal when the other side is empty).
+        tp, fp, fn: detection counts of the image.
+        diagonal: sqrt(H**2 + W**2) of the image.
+    """
+
+    pred_area: np.ndarray
+    pred_dice: np.ndarray
+    pred_hausdorff: np.ndarray
+    gt_area: np.ndarray
+    gt_dice: np.ndarray
+    gt_hausdorff: np.ndarray
+    tp: int
+    fp: int
+    fn: int
+    diagonal: float
+
+
+def _partner_overlap(partners: np.ndarray, overlap: np.ndarray) -> np.ndarray:
+    """Overlap of each object with its partner: float64 (K,), 0 for objects without partner.
+
+    Args:
+        partners: int (K,) from `_partners`; overlap: int (K, M) overlaps with the other side.
+    """
+    common = np.zeros(len(partners), dtype=np.float64)
+    matched = np.flatnonzero(partners >= 0)
+    common[matched] = overlap[matched, partners[matched]]
+    return common
+
+
+def _partner_dice(areas, partners, overlap, other_areas) -> np.ndarray:
+    """Dice of each object with its partner: float64 (K,), 0 for objects without partner.
+
+    Args:
+        areas: int (K,) sizes of this side's objects; partners: int (K,) from `_partners`;
+        overlap: int (K, M) overlaps with the other side; other_areas: int (M,) their sizes.
+    """
+    dice = np.zeros(len(areas), dtype=np.float64)
+    matched = np.flatnonzero(partners >= 0)
+    partner_area = other_areas[partners[matched]]
+    dice[matched] = 2.0 * overlap[matched, partners[matched]] / (areas[matched] + partner_area)
+    return dice
+
+
+def _side_hausdorff(own_boxes, own_partners, other_boxes, distance, diagonal) -> np.ndarray:
+    """Hausdorff distance of each object of one side to its partner on the other side.
+
+    Args:
+        own_boxes, other_boxes: `find_objects` slices of this side's and the other side's
+            objects, by 0-based object index.
+        own_partners: int (K,) partner index per object, -1 for no overlap.
+        distance: `distance(own_index, other_index) -> float`, the pair's Hausdorff distance.
+        diagonal: the image diagonal, used when the other side has no object.
+
+    Returns:
+        float64 (K,). An object without overlap takes the nearest object of the other side:
+        candidates are visited by increasing bounding-box lower bound, stopping once the bound
+        exceeds the best distance found, so far-away objects are never rasterised.
+    """
+    result = np.empty(len(own_boxes), dtype=np.float64)
+    for index, partner in enumerate(own_partners):
+        if partner >= 0:
+            result[index] = distance(index, partner)
+        elif not other_boxes:
+            result[index] = diagonal
+        else:
+            bounds = _bbox_lower_bound(own_boxes[index], other_boxes)
+            best = math.inf  # ties between candidates do not matter: only the distance is used
+            for candidate in np.argsort(bounds):
+                if bounds[candidate] > best:
+                    break
+                best = min(best, distance(index, candidate))
+            result[index] = best
+    return result
+
+
+def official_image_terms(pred, gt) -> ImageTerms:
+    """Official per-object terms of one image (rules in the module docstring).
+
+    Args:
+        pred: integer label map (H, W), the prediction, 0 = background.
+        gt: integer label map (H, W), the ground truth.
+
+    Returns:
+        An `ImageTerms`; `pool_official_terms` turns one or more into scores.
+    """
+    pred, gt = _check_pair(pred, gt)
+    table, pred, pred_ids, gt, gt_ids = _overlap_table(pred, gt)
+    overlap = table[1:, 1:]
+    pred_area = table[1:].sum(axis=1)
+    gt_area = table[:, 1:].sum(axis=0)
+    pred_partners = _partners(overlap)
+    gt_partners = _partners(overlap.T)
+
+    matched = np.flatnonzero(pred_partners >= 0)
+    covered = overlap[matched, pred_partners[matched]]
+    tp = int(np.count_nonzero(2 * covered > gt_area[pred_partners[matched]]))
+
+    pred_boxes = _object_boxes(pred, pred_ids)
+    gt_boxes = _object_boxes(gt, gt_ids)
+    cache: dict[tuple[int, int], float] = {}  # a matched pair is its own partner both ways
+
+    def pair_distance(pred_index: int, gt_index: int) -> float:
+        key = (pred_index, gt_index)
+        if key not in cache:
+            window = _union_window(pred_boxes[pred_index], gt_boxes[gt_index])
+            cache[key] = mask_hausdorff(
+                pred[window] == pred_ids[pred_index], gt[window] == gt_ids[gt_index]
+            )
+        return cache[key]
+
+    diagonal = image_diagonal(gt.shape)
+    return ImageTerms(
+        pred_area=pred_area,
+        pred_dice=_partner_dice(pred_area, pred_partners, overlap, gt_area),
+        pred_hausdorff=_side_hausdorff(
+            pred_boxes, pred_partners, gt_boxes, pair_distance, diagonal
+        ),
+        gt_area=gt_area,
+        gt_dice=_partner_dice(gt_area, gt_partners, overlap.T, pred_area),
+        gt_hausdorff=_side_hausdorff(
+            gt_boxes, gt_partners, pred_boxes, lambda g, p: pair_distance(p, g), diagonal
+        ),
+        tp=tp,
+        fp=len(pred_ids) - tp,
+        fn=len(gt_ids) - tp,
+        diagonal=diagonal,
+    )
+
+
+def pool_official_terms(terms: Sequence[ImageTerms]) -> dict:
+    """Pool per-image terms into a split's official scores.
+
+    Args:
+        terms: one `ImageTerms` per image of the split.
+
+    Returns:
+        dict with `f1`, `object_dice`, `object_hausdorff` (floats), `tp`, `fp`, `fn`,
+        `num_images`, `num_pred_objects`, `num_gt_objects` (ints). TP/FP/FN are summed; the
+        Dice and Hausdorff weights run over all objects of all images.
+    """
+    tp = sum(t.tp for t in terms)
+    fp = sum(t.fp for t in terms)
+    fn = sum(t.fn for t in terms)
+    pred_area = np.concatenate([t.pred_area for t in terms]).astype(np.float64)
+    gt_area = np.concatenate([t.gt_area for t in terms]).astype(np.float64)
+    counts = {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "num_images": len(terms),
+        "num_pred_objects": int(pred_area.size),
+        "num_gt_objects": int(gt_area.size),
+    }
+    if pred_area.size == 0 and gt_area.size == 0:
+        return {"f1": 1.0, "object_dice": 1.0, "object_hausdorff": 0.0, **counts}
+    f1 = 2.0 * tp / (2 * tp + fp + fn)
+    if pred_area.size == 0 or gt_area.size == 0:
+        worst = max(t.diagonal for t in terms)
+        return {"f1": f1, "object_dice": 0.0, "object_hausdorff": worst, **counts}
+
+    def weighted(field: str) -> float:
+        pred_values = np.concatenate([getattr(t, "pred_" + field) for t in terms])
+        gt_values = np.concatenate([getattr(t, "gt_" + field) for t in terms])
+        return 0.5 * (
+            float(pred_area @ pred_values) / float(pred_area.sum())
+            + float(gt_area @ gt_values) / float(gt_area.sum())
+        )
+
+    return {
+        "f1": f1,
+        "object_dice": weighted("dice"),
+        "object_hausdorff": weighted("hausdorff"),
+        **counts,
+    }
+
+
+def _paired_maps(preds, gts) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pair up and validate the label maps of a split (lists, tuples or (N, H, W) arrays)."""
+    if isinstance(preds, np.ndarray) and preds.ndim == 2:
+        raise ValueError("preds must be a sequence of label maps; wrap a single map in a list.")
+    if isinstance(gts, np.ndarray) and gts.ndim == 2:
+        raise ValueError("gts must be a sequence of label maps; wrap a single map in a list.")
+    preds, gts = list(preds), list(gts)
+    if len(preds) != len(gts):
+        raise ValueError(f"got {len(preds)} predictions for {len(gts)} ground truths.")
+    if not preds:
+        raise ValueError("cannot score an empty split (no label maps given).")
+    return [_check_pair(p, g, f"[{i}]") for i, (p, g) in enumerate(zip(preds, gts))]
+
+
+def _map_images(function, pairs, workers: int) -> list:
+    """`function(pred, gt)` over the pairs, serially or in `workers` processes.
+
+    Worker processes are spawned, not forked: forking a process in which TensorFlow already
+    runs threads (the evaluate CLI) can deadlock.
+    """
+    if workers <= 1 or len(pairs) < 2:
+        return [function(p, g) for p, g in pairs]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        chunk = max(1, len(pairs) // (4 * workers))
+        return list(pool.map(function, *zip(*pairs), chunksize=chunk))
+
+
+def glas_scores(preds: Iterable, gts: Iterable, workers: int = 1) -> dict:
+    """Official GlaS scores of a split, pooled over its images.
+
+    Args:
+        preds: sequence of integer label maps (H_n, W_n), the predictions.
+        gts: sequence of integer label maps, the ground truths, same length and shapes.
+        workers: processes to spread the images over (1 = in this process).
+
+    Returns:
+        dict: `f1`, `object_dice`, `object_hausdorff`, `tp`, `fp`, `fn`, `num_images`,
+        `num_pred_objects`, `num_gt_objects` (see `pool_official_terms`).
+
+    Raises:
+        ValueError: different lengths, an empty split, or a bad label map (named by index).
+    """
+    pairs = _paired_maps(preds, gts)
+    return pool_official_terms(_map_images(official_image_terms, pairs, workers))
+
+
+def per_image_scores(pred, gt) -> dict:
+    """Official scores of one image alone: the `glas_scores` dict of a one-image split.
+
+    Use it to rank images (e.g. by `object_dice`); a split's score is pooled, not the mean of
+    these.
+    """
+    return pool_official_terms([official_image_terms(pred, gt)])
+
+
+def object_f1(pred, gt) -> float:
+    """Official object-level F1 of one image (prediction first, ground truth second)."""
+    return per_image_scores(pred, gt)["f1"]
+
+
+def object_dice(pred, gt) -> float:
+    """Official object-level Dice of one image."""
+    return per_image_scores(pred, gt)["object_dice"]
+
+
+def object_hausdorff(pred, gt) -> float:
+    """Official object-level Hausdorff distance of one image, in pixels."""
+    return per_image_scores(pred, gt)["object_hausdorff"]
+
+
+# --------------------------------------------------------------------------------------------
+# Seed-compatible protocol (the seed study's BinaryImageMetrics)
+# --------------------------------------------------------------------------------------------
+def _binary_components(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Binarise (id > 0) and relabel into 8-connected components, raster-ordered ids 1..K."""
+    components, count = ndimage.label(labels > 0, structure=EIGHT_CONNECTIVITY)
+    return components, int(count)
+
+
+def count_score(pred, gt) -> float:
+    """The seed's count score of one image.
+
+    Both maps are binarised and split into 8-connected components; with n_pred and n_gt
+    components the score is min(n_pred / n_gt, n_gt / n_pred), and 0 when either is 0 (also
+    when both are).
+
+    Args:
+        pred, gt: integer label maps (H, W).
+
+    Returns:
+        float in [0, 1].
+    """
+    pred, gt = _check_pair(pred, gt)
+    return _count_ratio(_binary_components(pred)[1], _binary_components(gt)[1])
+
+
+def _count_ratio(n_pred: int, n_gt: int) -> float:
+    return 0.0 if n_pred == 0 or n_gt == 0 else min(n_pred / n_gt, n_gt / n_pred)
+
+
+def _box_shape(box: tuple[slice, slice]) -> tuple[int, int]:
+    return box[0].stop - box[0].start, box[1].stop - box[1].start
+
+
+def _seed_side_hausdorff(own, own_boxes, partners, other, total_area, weight_by_own) -> float:
+    """One side's sum of the seed's bounding-box-cropped Hausdorff terms.
+
+    For object X of `own` with box B (its bounding box, h x w) and partner P in `other`:
+    no overlap -> (h * w / total_area) * sqrt(h**2 + w**2); else
+    (weight / total_area) * Hausdorff(X, P cropped to B), weight = |X| when `weight_by_own`
+    (the seed's prediction side) and |P cropped to B| otherwise (its ground-truth side).
+    """
+    total = 0.0
+    for index, (box, partner) in enumerate(zip(own_boxes, partners)):
+        height, width = _box_shape(box)
+        if partner < 0:
+            total += height * width / total_area * math.hypot(height, width)
+            continue
+        mask = own[box] == index + 1
+        partner_in_box = other[box] == partner + 1
+        weight = np.count_nonzero(mask if weight_by_own else partner_in_box)
+        total += weight / total_area * mask_hausdorff(mask, partner_in_box)
+    return total
+
+
+def seed_compatible_image_scores(pred, gt) -> dict:
+    """The seed study's four numbers for one image, as its `BinaryImageMetrics` computes them.
+
+    Both maps are binarised (id > 0) and relabelled into 8-connected components G_j (ground
+    truth) and S_i (prediction); partners are by largest overlap, smallest id on ties, none
+    without overlap.
+
+    - `f1` (its `get_f1`): **pixel** F1 = 2 TP / (2 TP + FP + FN) of the two binary masks;
+      0 when both are empty.
+    - `object_dice` (its `get_f1_obj`): with o_X = |X & partner(X)| and
+      d_X = 2 o_X / (|X| + o_X) (the Dice of X with its partner *restricted to X's pixels*),
+      1/2 [sum_j (o_Gj / |G|) d_Gj + sum_i (|S_i| / |S|) d_Si], |G| and |S| the foreground
+      areas floored at 1. The ground-truth weights are overlaps, not object sizes. 0 when
+      either map is empty.
+    - `object_hausdorff` (its `get_hausdorff_obj_distance`): the image diagonal
+      sqrt(H**2 + W**2) when either map is empty; otherwise, per object X with bounding box B
+      (h x w): without overlap (h w / A) sqrt(h**2 + w**2), else w_X / A times the Hausdorff
+      distance (Euclidean, all pixels) between X and its partner **cropped to B**; A = the
+      foreground area of X's side, w_X = |partner cropped to B| for ground-truth objects and
+      |X| for predicted ones; the two sums are halved.
+    - `count`: `count_score`.
+
+    Args:
+        pred, gt: integer label maps (H, W) (only > 0 matters).
+
+    Returns:
+        dict with `f1`, `object_dice`, `object_hausdorff`, `count` (floats).
+    """
+    pred, gt = _check_pair(pred, gt)
+    pred, n_pred = _binary_components(pred)
+    gt, n_gt = _binary_components(gt)
+    table = _overlap_table(pred, gt)[0]  # ids 1..n, all present
+    overlap = table[1:, 1:]
+    pred_area = table[1:].sum(axis=1)
+    gt_area = table[:, 1:].sum(axis=0)
+    total_pred = int(pred_area.sum())
+    total_gt = int(gt_area.sum())
+    count = _count_ratio(n_pred, n_gt)
+    diagonal = image_diagonal(gt.shape)
+    if total_pred == 0 and total_gt == 0:
+        return {"f1": 0.0, "object_dice": 0.0, "object_hausdorff": diagonal, "count": count}
+    both = int(overlap.sum())
+    f1 = 2.0 * both / (total_pred + total_gt)  # = 2 TP / (2 TP + FP + FN) over pixels
+
+    pred_partners = _partners(overlap)
+    gt_partners = _partners(overlap.T)
+    gt_common = _partner_overlap(gt_partners, overlap.T)
+    pred_common = _partner_overlap(pred_partners, overlap)
+    gt_terms = gt_common / max(total_gt, 1) * 2.0 * gt_common / (gt_area + gt_common)
+    pred_terms = pred_area / max(total_pred, 1) * 2.0 * pred_common / (pred_area + pred_common)
+    object_dice = 0.5 * (float(gt_terms.sum()) + float(pred_terms.sum()))
+    if total_pred == 0 or total_gt == 0:
+        hausdorff = diagonal
+    else:
+        gt_boxes = ndimage.find_objects(gt, max_label=n_gt)
+        pred_boxes = ndimage.find_objects(pred, max_label=n_pred)
+        hausdorff = 0.5 * (
+            _seed_side_hausdorff(gt, gt_boxes, gt_partners, pred, total_gt, False)
+            + _seed_side_hausdorff(pred, pred_boxes, pred_partners, gt, total_pred, True)
+        )
+    return {
+        "f1": float(f1),
+        "object_dice": float(object_dice),
+        "object_hausdorff": float(hausdorff),
+        "count": float(count),
+    }
+
+
+def seed_compatible_scores(preds: Iterable, gts: Iterable, workers: int = 1) -> dict:
+    """The seed study's split scores: `seed_compatible_image_scores` averaged over images.
+
+    Not comparable with the challenge table (pixel F1, merged touching glands, cropped
+    Hausdorff); use it to compare with the seed's own rows.
+
+    Args:
+        preds, gts: sequences of integer label maps, as for `glas_scores`.
+        workers: processes to spread the images over (1 = in this process).
+
+    Returns:
+        dict with `f1`, `object_dice`, `object_hausdorff`, `count` (per-image means) and
+        `num_images`.
+    """
+    pairs = _paired_maps(preds, gts)
+    scores = _map_images(seed_compatible_image_scores, pairs, workers)
+    means = {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+    return {**means, "num_images": len(scores)}
