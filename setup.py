@@ -42,6 +42,6 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu=={TENSORFLOW_VERSION}"],
         "gpu": [f"tensorflow[and-cuda]=={TENSORFLOW_VERSION}"],
-        "test": ["pytest==9.2.0", "dill==0.4.1"],  # dill: tfds.testing imports it,
+        "test": ["pytest==9.2.0", "dill==0.4.1"],  # tfds.testing imports dill
     },
 )
