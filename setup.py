@@ -38,6 +38,8 @@ setup(
         "matplotlib==3.11.2",
         "tqdm==4.70.1",
         "psutil==7.2.2",
+        # tensorflow-cpu 2.21 does not pull in TensorBoard; the training CLI logs to it.
+        "tensorboard==2.21.0",
     ],
     extras_require={
         "cpu": [f"tensorflow-cpu=={TENSORFLOW_VERSION}"],

@@ -1,0 +1,211 @@
+"""keras_glas.train: the CLI's run dir, resume after SIGKILL, learning, precision, distribution.
+
+Everything is tiny (64² images, 4–8 base filters, depth 2, a few steps) so the file runs in a
+couple of minutes on 2 cores; the CLI tests run `python -m keras_glas.train` in a subprocess
+from a directory outside the repository.
+"""
+import csv
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_glas.config import ConfigError, load_config
+from keras_glas.data import make_dataset
+from keras_glas.models import build_model
+from keras_glas.train import (
+    compile_model,
+    main,
+    make_optimizer,
+    resolve_dataset,
+    train,
+    training_stages,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+UNET_YAML = REPO / "configs" / "unet.yaml"
+TINY_UNET = ["--image-size", "64", "--batch-size", "2",
+             "--set", "model.base_filters=4", "--set", "model.depth=2",
+             "--set", "train.finetune=null", "--set", "train.precision=float32"]
+
+
+def cli_env():
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def run_cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "keras_glas.train", *args], cwd=cwd,
+                          env=cli_env(), capture_output=True, text=True, timeout=900)
+
+
+def history_rows(run_dir):
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def tiny_config(data_dir, *overrides):
+    return load_config(UNET_YAML, [
+        "data.dataset=glas/synthetic", f"data.data_dir={data_dir}", "data.image_size=64",
+        "data.batch_size=2", "model.base_filters=4", "model.depth=2", "train.epochs=1",
+        "train.steps_per_epoch=2", "train.finetune=null", "train.precision=float32",
+        *overrides,
+    ])
+
+
+def test_cli_trains_into_a_run_dir_and_refuses_a_different_config(tmp_path,
+                                                                  synthetic_data_dir):
+    run_dir = tmp_path / "run"
+    # No --dataset: glas is not prepared in this data dir, so the CLI says so and falls back.
+    args = ["unet", "--data-dir", synthetic_data_dir, "--run-dir", str(run_dir),
+            "--epochs", "2", "--steps-per-epoch", "2", *TINY_UNET]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("glas is not prepared") == 1
+    assert "tfds build glas --imports tfds_glas --manual_dir" in result.stdout
+    assert "Epoch 1/2" in result.stdout and "Epoch 2/2" in result.stdout
+    assert f"python -m keras_glas.export {run_dir}" in result.stdout
+    for name in ("config.yaml", "history.csv", "checkpoints/best.weights.h5",
+                 "checkpoints/last.weights.h5", "backup/main"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "logs").is_dir() == (importlib.util.find_spec("tensorboard") is not None)
+    assert [row["epoch"] for row in history_rows(run_dir)] == ["0", "1"]
+    assert all(math.isfinite(float(row["val_loss"])) for row in history_rows(run_dir))
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.data.dataset == "glas/synthetic"
+    assert (saved.model.base_filters, saved.train.epochs, saved.train.monitor) == (
+        4, 2, "val_loss")
+
+    rerun = run_cli(args, cwd=tmp_path)
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stdout
+    assert len(history_rows(run_dir)) == 2
+
+    changed = run_cli([*args, "--epochs", "3"], cwd=tmp_path)
+    assert changed.returncode != 0
+    assert "train.epochs: 2 -> 3" in changed.stderr and "new --run-dir" in changed.stderr
+
+
+def test_sigkill_then_same_command_resumes_at_the_killed_epoch(tmp_path, synthetic_data_dir):
+    run_dir, epochs = tmp_path / "run", 6
+    args = ["unet", "--dataset", "glas/synthetic", "--data-dir", synthetic_data_dir,
+            "--run-dir", str(run_dir), "--epochs", str(epochs), "--steps-per-epoch", "3",
+            *TINY_UNET]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "keras_glas.train", *args],
+                                 cwd=tmp_path, env=cli_env(), stdout=log,
+                                 stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while not history_rows(run_dir) and time.monotonic() < deadline:
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.05)
+            assert first.poll() is None, "training finished before it could be killed"
+        finally:
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
+    finished = len(history_rows(run_dir))
+    assert 1 <= finished < epochs
+
+    second = run_cli(args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Epoch 1/" not in second.stdout
+    first_epoch = second.stdout.index("Epoch ")
+    assert second.stdout[first_epoch:].startswith(f"Epoch {finished + 1}/{epochs}")
+    assert [int(row["epoch"]) for row in history_rows(run_dir)] == list(range(epochs))
+
+
+def test_one_epoch_of_the_seed_recipe_lowers_the_loss(synthetic_data_dir):
+    config = load_config(UNET_YAML, ["model.base_filters=8", "model.depth=2"])
+    keras.utils.set_random_seed(0)
+    batches = make_dataset("glas/synthetic", split="train[:25%]", batch_size=2,
+                           image_size=64, augment=False, data_dir=synthetic_data_dir).cache()
+    model = build_model(config.model)
+    compile_model(model, config, make_optimizer(training_stages(config)[0]))
+    before = model.evaluate(batches, verbose=0, return_dict=True)["loss"]
+    model.fit(batches.repeat(), steps_per_epoch=12, epochs=1, shuffle=False, verbose=0)
+    after = model.evaluate(batches, verbose=0, return_dict=True)["loss"]
+    assert after < before - 0.01, (before, after)
+
+
+def test_mixed_bfloat16_trains_with_finite_loss_and_float32_outputs(tmp_path,
+                                                                    synthetic_data_dir):
+    policy = keras.config.dtype_policy().name
+    config = tiny_config(synthetic_data_dir, "train.precision=mixed_bfloat16")
+    [history] = train(config, tmp_path / "run", verbose=0)
+    assert history.model.compute_dtype == "bfloat16"
+    outputs = history.model(tf.zeros((1, 64, 64, 3)))
+    assert outputs["mask"].dtype == "float32"
+    assert all(math.isfinite(value) for value in history.history["loss"])
+    assert keras.config.dtype_policy().name == policy  # train() restores the global policy
+
+
+def test_mixed_float16_wraps_the_optimizer_in_loss_scaling():
+    config = load_config(UNET_YAML, ["model.base_filters=4", "model.depth=2"])
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = build_model(config.model)
+        compile_model(model, config, make_optimizer(training_stages(config)[0]))
+    finally:
+        keras.config.set_dtype_policy(policy)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
+
+
+def test_mirrored_strategy_runs_both_stages(tmp_path, synthetic_data_dir):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    config = tiny_config(synthetic_data_dir, "train.finetune.epochs=1",
+                         "train.finetune.learning_rate=1e-4")
+    main_stage, finetune = train(config, tmp_path / "run", strategy=strategy, verbose=0)
+    assert strategy.num_replicas_in_sync == 2
+    assert isinstance(main_stage.model.optimizer, keras.optimizers.SGD)
+    assert isinstance(finetune.model.optimizer, keras.optimizers.Adam)
+    rows = history_rows(tmp_path / "run")
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert all(math.isfinite(float(row["loss"])) for row in rows)
+    assert np.isfinite(finetune.model.get_weights()[0]).all()
+
+
+def test_contour_head_model_trains_with_weighted_bce(tmp_path, synthetic_data_dir):
+    config = tiny_config(synthetic_data_dir, "model.contour_head=true",
+                         "train.loss=weighted_bce")
+    [history] = train(config, tmp_path / "run", verbose=0)
+    assert {"mask_loss", "contour_loss"} <= set(history.history)
+    assert all(math.isfinite(value) for value in history.history["loss"])
+
+
+def test_unprepared_real_dataset_and_wrong_config_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="tfds build glas/binary_masks --imports tfds_glas"):
+        resolve_dataset("glas/binary_masks", str(tmp_path))
+    with pytest.raises(SystemExit, match="model.name=maskrcnn, not unet"):
+        main(["unet", "--config", str(REPO / "configs" / "maskrcnn.yaml"),
+              "--run-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="unknown key 'model.widht'"):
+        main(["unet", "--set", "model.widht=3", "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_maskrcnn_trains_through_the_same_cli(tmp_path, synthetic_data_dir):
+    run_dir = tmp_path / "run"
+    result = run_cli(["maskrcnn", "--dataset", "glas/synthetic", "--data-dir",
+                      synthetic_data_dir, "--run-dir", str(run_dir), "--image-size", "64",
+                      "--batch-size", "2", "--epochs", "1", "--steps-per-epoch", "2",
+                      "--set", "model.backbone=resnet18", "--set", "train.precision=float32"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = history_rows(run_dir)
+    assert math.isfinite(float(row["val_mask_loss"]))
+    assert (run_dir / "checkpoints" / "best.weights.h5").is_file()
+    assert load_config(run_dir / "config.yaml").train.monitor == "val_mask_loss"
