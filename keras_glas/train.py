@@ -18,7 +18,6 @@ Epochs are numbered across stages, so the fine-tune epochs follow the main ones.
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import math
 import os
 import sys
@@ -367,12 +366,7 @@ def make_callbacks(run_dir: Path, config: Config, stage: Stage) -> list:
     elif train.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, mode=mode))
-    if importlib.util.find_spec("tensorboard") is not None:
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs")))
-    else:
-        # tf.summary has no implementation without the tensorboard package.
-        print("tensorboard is not installed (pip install tensorboard): no TensorBoard logs",
-              flush=True)
+    callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs")))
     callbacks.append(keras.callbacks.CSVLogger(str(history), append=True))
     return callbacks
 
