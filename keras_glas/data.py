@@ -1,0 +1,446 @@
+"""Streaming `tf.data` input pipeline for GlaS: examples → augmented, batched model inputs.
+
+`make_dataset` reads a TFDS dataset (`glas`, `glas/synthetic`, `glas/binary_masks`) or any
+`tf.data.Dataset` of `{"image", "instances"[, "name"]}` examples and yields batches for the U-Net
+(`model="unet"`), for Mask R-CNN (`model="maskrcnn"`) or for evaluation (`model="eval"`).
+Everything after reading is graph ops run in parallel by tf.data, so memory stays flat however
+large the dataset is (unless `cache=True` is asked for) and the accelerator is kept fed.
+"""
+
+import tensorflow as tf
+
+from keras_glas.augment import AugmentOptions, augment_and_resize
+
+MODELS = ("unet", "maskrcnn", "eval")
+# Examples held by the shuffle buffer. GlaS has 85 training images, so it shuffles the whole split;
+# for larger datasets it bounds memory (a decoded 775×522 example with int32 ids is ~2.8 MB).
+SHUFFLE_BUFFER = 256
+# Original U-Net border weights (Ronneberger et al. 2015): w0 and sigma in pixels of the network
+# input; the distances d1, d2 are followed up to 4 sigma, beyond which the term is < w0 * e^-8.
+BORDER_W0 = 10.0
+BORDER_SIGMA = 5.0
+BORDER_MAX_DISTANCE = 20
+_INTEGER_DTYPES = (tf.uint8, tf.uint16, tf.int32, tf.int64)
+
+
+def make_dataset(
+    source,
+    split="train",
+    model="unet",
+    batch_size=6,
+    image_size=512,
+    augment=True,
+    seed=None,
+    data_dir=None,
+    cache=False,
+    contour=False,
+    border_weights=False,
+    max_instances=100,
+    shuffle=None,
+    drop_remainder=None,
+):
+    """Builds the input pipeline for one split.
+
+    Args:
+        source: a TFDS name (`"glas"`, `"glas/synthetic"`, `"glas/binary_masks"`), already
+            prepared in `data_dir`, or a `tf.data.Dataset` of examples `{"image": uint8 (H, W, 3),
+            "instances": uint8/uint16/int32/int64 (H, W)[, "name": string]}` (0 = background).
+        split: TFDS split, slicing included (`"train[:10%]"`); ignored for a `tf.data.Dataset`.
+        model: `"unet"`, `"maskrcnn"` or `"eval"` (see Returns).
+        batch_size: examples per batch (eval always uses 1).
+        image_size: side S of the square network input; images are resized keeping their aspect
+            ratio and zero-padded (centred).
+        augment: `True` (the seed study's flips + crop), `False`, or an `AugmentOptions`.
+            Ignored for eval.
+        seed: int. Given a seed, the batches (order and augmentation) are the same on every run,
+            and differ from epoch to epoch in a reproducible way.
+        data_dir: TFDS data directory.
+        cache: `True` caches the decoded examples in memory (before augmentation, so every epoch
+            is still augmented afresh); a string caches them to files with that path prefix.
+        contour: unet only: add the gland-boundary target `"contour"`.
+        border_weights: unet only: also yield the original U-Net border weight map as
+            `sample_weight`.
+        max_instances: maskrcnn only: N, the padded number of boxes; an image with more
+            instances after augmentation stops the pipeline with an error naming it.
+        shuffle: shuffle the examples each epoch; default: on when augmenting, off otherwise.
+        drop_remainder: drop the last incomplete batch so that every batch has the static shape
+            (B, S, S, ...) XLA and `tf.distribute` want; default: on when augmenting.
+
+    Returns:
+        A `tf.data.Dataset` of
+        - unet: `(x, y)` or, with `border_weights`, `(x, y, sample_weight)`: x float32
+          (B, S, S, 3) in [0, 1]; y `{"mask": float32 (B, S, S, 1)[, "contour": float32
+          (B, S, S, 1)]}`; sample_weight `{"mask": float32 (B, S, S)[, "contour": ones]}`.
+        - maskrcnn: `(x, y)`, y `{"boxes": float32 (B, N, 4)` pixel yxyx (max edges exclusive:
+          a box covers rows ymin..ymax-1) padded with -1, `"classes": float32 (B, N)` 0 = gland,
+          -1 = padding, `"instances": int32 (B, S, S)` with id k+1 the object of `boxes[:, k]`}.
+        - eval: `{"image": uint8 (1, H, W, 3), "instances": int32 (1, H, W), "name": (1,)}`,
+          unaugmented and full size.
+
+    Distribution: the dataset carries `AutoShardPolicy.DATA`. GlaS is written as a single
+    TFRecord file, so the default FILE policy would hand the whole dataset to one worker and
+    nothing to the others (tf.data then errors); DATA makes each worker read everything and keep
+    every n-th element. Within a worker, `strategy.experimental_distribute_dataset` splits each
+    global batch across the replicas (use `drop_remainder` so all replicas get equal shares).
+
+    Raises:
+        ValueError: unknown model, bad sizes, an unknown dataset or split, a dataset not prepared
+            in `data_dir`, or a `tf.data.Dataset` whose elements do not look like examples.
+        ValueError: also for TFRecord files of the split that are missing or truncated.
+        tf.errors.InvalidArgumentError (when iterating): an example whose image and instance map
+            disagree in size, or with more than `max_instances` instances; the message names it.
+        tf.errors.DataLossError (when iterating): a damaged record inside a file of the right
+            size (TensorFlow's own error, "corrupted record at <offset>").
+    """
+    if model not in MODELS:
+        raise ValueError(f"make_dataset: model must be one of {MODELS}, got {model!r}")
+    for arg, value in (
+        ("batch_size", batch_size),
+        ("image_size", image_size),
+        ("max_instances", max_instances),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"make_dataset: {arg} must be a positive int, got {value!r}")
+    if model != "unet" and (contour or border_weights):
+        raise ValueError(
+            "make_dataset: contour and border_weights are targets of model='unet' only"
+        )
+    options = AugmentOptions.resolve(augment)
+
+    examples = load_examples(source, split, data_dir)
+    if cache:
+        examples = examples.cache(cache if isinstance(cache, str) else "")
+    if model == "eval":
+        options, shuffle = AugmentOptions.resolve(False), False
+    if shuffle is None:
+        shuffle = options.any
+    if shuffle:
+        examples = examples.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+
+    if model == "eval":
+        dataset = examples.batch(1)
+    else:
+        # One (2,) seed per example from a seeded random stream: reproducible, and new each epoch.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        prepare = _training_example_fn(
+            model, image_size, options, contour, border_weights, max_instances
+        )
+        dataset = tf.data.Dataset.zip(examples, seeds).map(
+            prepare, num_parallel_calls=tf.data.AUTOTUNE
+        )
+        if drop_remainder is None:
+            drop_remainder = options.any
+        dataset = dataset.batch(
+            batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE
+        )
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    dataset_options = tf.data.Options()
+    dataset_options.deterministic = True
+    dataset_options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return dataset.with_options(dataset_options)
+
+
+def load_examples(source, split="train", data_dir=None):
+    """Reads examples as `{"image": uint8 (H, W, 3), "instances": int32 (H, W), "name": string}`.
+
+    Args:
+        source: TFDS name or `tf.data.Dataset` (see `make_dataset`).
+        split: TFDS split string (ignored for a `tf.data.Dataset`).
+        data_dir: TFDS data directory.
+    Returns:
+        An unbatched `tf.data.Dataset`. Each example is checked when read: an image and instance
+        map of different sizes is an `InvalidArgumentError` naming the example.
+    """
+    if isinstance(source, tf.data.Dataset):
+        examples = _from_dataset(source)
+    elif isinstance(source, str):
+        examples = _from_tfds(source, split, data_dir)
+    else:
+        raise ValueError(
+            "make_dataset: source must be a TFDS name such as 'glas/synthetic' or a "
+            f"tf.data.Dataset, got {source!r}"
+        )
+    return examples.map(_checked_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _from_dataset(dataset):
+    """Validates the element spec of a user dataset and names its examples if they have no name."""
+    spec = dataset.element_spec
+    if not isinstance(spec, dict) or "image" not in spec or "instances" not in spec:
+        raise ValueError(
+            "make_dataset: a tf.data.Dataset source must yield dicts with keys 'image' and "
+            f"'instances', got element_spec {spec!r}"
+        )
+    image, instances = spec["image"], spec["instances"]
+    if image.dtype != tf.uint8 or image.shape.rank != 3 or image.shape[-1] not in (3, None):
+        raise ValueError(f"make_dataset: source 'image' must be uint8 (H, W, 3), got {image!r}")
+    if instances.dtype not in _INTEGER_DTYPES or instances.shape.rank != 2:
+        raise ValueError(
+            f"make_dataset: source 'instances' must be an integer (H, W) map, got {instances!r}"
+        )
+    if "name" in spec:
+        return dataset.map(lambda ex: {k: ex[k] for k in ("image", "instances", "name")})
+    return dataset.enumerate().map(
+        lambda index, ex: {
+            "image": ex["image"],
+            "instances": ex["instances"],
+            "name": tf.strings.format("example_{}", index),
+        }
+    )
+
+
+def _from_tfds(name, split, data_dir):
+    """Loads a prepared TFDS split, with errors that name the dataset, split and data_dir."""
+    import tensorflow_datasets as tfds
+
+    import tfds_glas  # noqa: F401  (registers the `glas` builder)
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # TFDS raises several types (DatasetNotFoundError, ValueError...).
+        raise ValueError(f"make_dataset: unknown TFDS dataset {name!r} ({error})") from error
+    if not builder.is_prepared():
+        raise ValueError(
+            f"make_dataset: TFDS dataset {name!r} is not prepared in data_dir "
+            f"{str(builder.data_dir_root)!r}; build it first, e.g. `tfds build tfds_glas/glas "
+            f"--config {builder.builder_config.name} "
+            f"--data_dir {builder.data_dir_root}` (or pass the right data_dir)"
+        )
+    try:
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"make_dataset: split {split!r} does not exist in {name!r}; available splits: "
+            f"{sorted(builder.info.splits)} (slicing such as 'train[:10%]' is allowed) ({error})"
+        ) from error
+    _check_record_files(builder, split, name)
+    return dataset.map(lambda ex: {k: ex[k] for k in ("image", "instances", "name")})
+
+
+# TFRecord framing: every record is stored with a uint64 length and two uint32 CRCs.
+_TFRECORD_OVERHEAD_BYTES = 16
+
+
+def _check_record_files(builder, split, name):
+    """Raises a clear error when a TFRecord file of `split` is missing or truncated.
+
+    TFDS records the payload size of each split; a copy whose files do not add up to it (an
+    interrupted download or copy) would otherwise fail mid-epoch with a bare `DataLossError`.
+    A byte flipped inside a file keeps its size: that still surfaces, when the record is read,
+    as TensorFlow's `DataLossError: corrupted record at <offset>`.
+    """
+    if str(builder.info.file_format).split(".")[-1].lower() != "tfrecord":
+        return
+    needed = {file.filename for file in builder.info.splits[split].file_instructions}
+    for split_info in builder.info.splits.values():
+        paths = [f"{builder.data_dir}/{filename}" for filename in split_info.filenames]
+        if not needed.intersection(paths):
+            continue
+        missing = [path for path in paths if not tf.io.gfile.exists(path)]
+        if missing:
+            raise ValueError(
+                f"make_dataset: {name!r} is missing record files {missing}; rebuild it (tfds build)"
+            )
+        size = sum(tf.io.gfile.stat(path).length for path in paths)
+        expected = int(split_info.num_bytes) + _TFRECORD_OVERHEAD_BYTES * split_info.num_examples
+        if size != expected:
+            raise ValueError(
+                f"make_dataset: corrupt records in {name!r} split {split_info.name!r}: its files "
+                f"{paths} hold {size} bytes, {expected} were written (truncated or damaged copy); "
+                "rebuild it (tfds build) or copy the files again"
+            )
+
+
+def _checked_example(example):
+    """Casts instances to int32 and asserts that image and instance map have the same size."""
+    image, instances, name = (
+        example["image"],
+        tf.cast(example["instances"], tf.int32),
+        example["name"],
+    )
+    image_shape, instances_shape = tf.shape(image), tf.shape(instances)
+    valid = tf.reduce_all(tf.equal(image_shape[:2], instances_shape)) & tf.equal(image_shape[2], 3)
+    valid = valid & tf.reduce_all(image_shape[:2] > 0) & (tf.reduce_min(instances) >= 0)
+    with tf.control_dependencies(
+        [
+            tf.debugging.Assert(
+                valid,
+                [
+                    "make_dataset: corrupt example",
+                    name,
+                    ": image shape",
+                    image_shape,
+                    "and instances shape",
+                    instances_shape,
+                    "must be (H, W, 3) and (H, W) with H, W > 0 and ids >= 0",
+                ],
+            )
+        ]
+    ):
+        return {"image": tf.identity(image), "instances": tf.identity(instances), "name": name}
+
+
+def _training_example_fn(model, image_size, options, contour, border_weights, max_instances):
+    """Returns the `map` function: (example, seed) → augmented model input and targets."""
+
+    def prepare(example, seed):
+        image, labels = augment_and_resize(
+            example["image"], example["instances"], image_size, options, seed
+        )
+        if model == "maskrcnn":
+            return image, maskrcnn_targets(labels, max_instances, example["name"])
+        targets = {"mask": tf.cast(labels > 0, tf.float32)[..., None]}
+        if contour:
+            targets["contour"] = contour_map(labels)[..., None]
+        if not border_weights:
+            return image, targets
+        weights = {"mask": border_weight_map(labels)}
+        if contour:
+            weights["contour"] = tf.ones_like(weights["mask"])
+        return image, targets, weights
+
+    return prepare
+
+
+def _max_pool(values):
+    """3×3 maximum of a float32 (H, W) map (image edges do not count as neighbours)."""
+    return tf.nn.max_pool2d(values[None, :, :, None], 3, 1, "SAME")[0, :, :, 0]
+
+
+def contour_map(labels):
+    """Gland boundary pixels of an instance map, float32 (H, W) in {0, 1}.
+
+    A pixel is on a boundary when it belongs to a gland and its 3×3 neighbourhood holds another
+    id (background or a touching gland); the boundary is then dilated by one pixel (3 px wide),
+    which separates touching glands. The image edge is not a boundary.
+
+    Args:
+        labels: int32 (H, W) instance map.
+    """
+    ids = tf.cast(labels, tf.float32)
+    neighbour_max = _max_pool(ids)
+    neighbour_min = -_max_pool(-ids)
+    boundary = (ids > 0) & ((neighbour_max != ids) | (neighbour_min != ids))
+    return _max_pool(tf.cast(boundary, tf.float32))
+
+
+def _dilate(values, step):
+    """Neighbourhood maximum of a float32 (H, W) map ≥ 0: a cross on odd steps, a square on even.
+
+    Alternating the two gives octagonal distances, a closer approximation of the Euclidean
+    distance than either alone (chessboard or city-block).
+    """
+    if step % 2 == 0:
+        return _max_pool(values)
+    cross = tf.constant([[-1e9, 0.0, -1e9], [0.0, 0.0, 0.0], [-1e9, 0.0, -1e9]])[:, :, None]
+    return tf.nn.dilation2d(
+        values[None, :, :, None], cross, [1, 1, 1, 1], "SAME", "NHWC", [1, 1, 1, 1]
+    )[0, :, :, 0]
+
+
+def border_weight_map(labels, w0=BORDER_W0, sigma=BORDER_SIGMA, max_distance=BORDER_MAX_DISTANCE):
+    """The original U-Net weight map w = w_c + w0·exp(-(d1 + d2)² / (2σ²)), float32 (H, W).
+
+    d1 and d2 are the distances of a background pixel to the nearest and the second-nearest
+    gland. They are found by a wavefront of `max_distance` iterative dilations that carries the
+    nearest and second-nearest gland ids (octagonal distance, see `_dilate`; a wavefront keeps
+    only two ids per pixel, so a third gland that is closer through a neighbour is missed).
+    Pixels with no second gland within `max_distance` get no border term (its value there would
+    be below w0·exp(-max_distance²/(2σ²))). The term applies to background pixels only (the
+    gaps between glands). w_c balances the classes per image: N / (2 N_c) for each class c
+    present in both; 1 everywhere when the image has a single class.
+
+    Args:
+        labels: int32 (H, W) instance map.
+    """
+    ids = tf.cast(labels, tf.float32)
+    # Ids live in [1, big); big - id > 0 lets a max-pool find the smallest neighbouring id.
+    big = tf.reduce_max(ids) + 1.0
+    infinity = tf.fill(tf.shape(ids), float("inf"))
+    nearest, second = ids, tf.zeros_like(ids)
+    d1, d2 = tf.where(ids > 0, 0.0, infinity), infinity
+
+    for step in range(1, max_distance + 1):
+        neighbour_max = tf.maximum(_dilate(nearest, step), _dilate(second, step))
+        inverted_min = tf.maximum(
+            _dilate(tf.where(nearest > 0, big - nearest, 0.0), step),
+            _dilate(tf.where(second > 0, big - second, 0.0), step),
+        )
+        neighbour_min = tf.where(inverted_min > 0, big - inverted_min, 0.0)
+        reached = (nearest == 0) & (neighbour_max > 0)
+        nearest = tf.where(reached, neighbour_max, nearest)
+        d1 = tf.where(reached, float(step), d1)
+        # Any neighbouring id other than this pixel's nearest one is its second-nearest gland.
+        other = tf.where(
+            neighbour_max != nearest,
+            neighbour_max,
+            tf.where(neighbour_min != nearest, neighbour_min, 0.0),
+        )
+        reached = (second == 0) & (other > 0)
+        second = tf.where(reached, other, second)
+        d2 = tf.where(reached, float(step), d2)
+
+    border = w0 * tf.exp(-tf.square(d1 + d2) / (2.0 * sigma**2))
+    foreground = ids > 0
+    total = tf.cast(tf.size(ids), tf.float32)
+    n_foreground = tf.reduce_sum(tf.cast(foreground, tf.float32))
+    n_background = total - n_foreground
+    both = (n_foreground > 0) & (n_background > 0)
+    w_foreground = tf.where(both, total / (2.0 * tf.maximum(n_foreground, 1.0)), 1.0)
+    w_background = tf.where(both, total / (2.0 * tf.maximum(n_background, 1.0)), 1.0)
+    return tf.where(foreground, w_foreground, w_background + border)
+
+
+def maskrcnn_targets(labels, max_instances, name):
+    """Boxes, classes and relabelled instance map of an augmented instance map.
+
+    Boxes are recomputed from the labels (instances cropped away are gone), in increasing order
+    of the original ids, and the ids are renumbered 1..K in that order.
+
+    Args:
+        labels: int32 (S, S) instance map.
+        max_instances: N.
+        name: string scalar, the example's name (for the error message).
+    Returns:
+        `{"boxes": float32 (N, 4) yxyx pixels (ymax, xmax exclusive) padded with -1,
+        "classes": float32 (N,) 0 or -1 for padding, "instances": int32 (S, S)}`.
+    """
+    shape = tf.shape(labels)
+    flat = tf.reshape(labels, [-1])
+    num_ids = tf.reduce_max(flat) + 1
+    positions = tf.range(tf.size(flat))
+    rows, cols = positions // shape[1], positions % shape[1]
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(flat), flat, num_ids)
+    present = (counts > 0) & (tf.range(num_ids) > 0)
+    ids = tf.boolean_mask(tf.range(num_ids), present)
+    count = tf.size(ids)
+    assert_fits = tf.debugging.Assert(
+        count <= max_instances,
+        [
+            "make_dataset: image",
+            name,
+            "has",
+            count,
+            f"instances, more than max_instances={max_instances}; raise max_instances",
+        ],
+    )
+    with tf.control_dependencies([assert_fits]):
+        corners = [
+            tf.math.unsorted_segment_min(rows, flat, num_ids),
+            tf.math.unsorted_segment_min(cols, flat, num_ids),
+            tf.math.unsorted_segment_max(rows, flat, num_ids) + 1,
+            tf.math.unsorted_segment_max(cols, flat, num_ids) + 1,
+        ]
+        boxes = tf.cast(tf.gather(tf.stack(corners, axis=-1), ids), tf.float32)
+        padding = max_instances - count
+        boxes = tf.pad(boxes, [[0, padding], [0, 0]], constant_values=-1.0)
+        classes = tf.pad(tf.zeros([count]), [[0, padding]], constant_values=-1.0)
+        new_ids = tf.scatter_nd(ids[:, None], tf.range(1, count + 1), [num_ids])
+        instances = tf.gather(new_ids, labels)
+    return {
+        "boxes": tf.ensure_shape(boxes, [max_instances, 4]),
+        "classes": tf.ensure_shape(classes, [max_instances]),
+        "instances": instances,
+    }

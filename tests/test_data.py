@@ -1,0 +1,295 @@
+"""Tests of keras_glas.data.make_dataset on in-memory datasets and on `glas/synthetic`."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import tensorflow as tf
+
+from keras_glas.augment import AugmentOptions
+from keras_glas.data import border_weight_map, contour_map, make_dataset
+
+
+def example_labels(index, height=40, width=56):
+    """Instances that differ per example: 2 + index % 3 rectangles, one touching the image edge."""
+    labels = np.zeros((height, width), np.int32)
+    for k in range(2 + index % 3):
+        top, left = 3 + 11 * k, 2 + (5 * k + 3 * index) % 20
+        labels[top : top + 8, left : left + 14 + k] = 10 + 3 * k  # sparse, non-consecutive ids
+    labels[height - 5 :, width - 9 :] = 7
+    return labels
+
+
+def in_memory(count=8, height=40, width=56, named=True, instances_dtype=np.uint16):
+    """`count` examples whose uniform image colour encodes their index (red = 10 * index + 5)."""
+    images = np.zeros((count, height, width, 3), np.uint8)
+    images[..., 0] = (10 * np.arange(count) + 5)[:, None, None]
+    images[..., 1] = 128
+    labels = np.stack([example_labels(i, height, width) for i in range(count)]).astype(
+        instances_dtype
+    )
+    data = {"image": images, "instances": labels}
+    if named:
+        data["name"] = np.array([f"img_{i}" for i in range(count)])
+    return tf.data.Dataset.from_tensor_slices(data)
+
+
+def centre_index(images):
+    """Example index encoded in the image colour, read at the centre pixel of each image."""
+    images = np.asarray(images)
+    centre = images[:, images.shape[1] // 2, images.shape[2] // 2, 0] * 255.0
+    return np.round((centre - 5) / 10).astype(int).tolist()
+
+
+def test_unet_batches_shapes_dtypes_and_mask():
+    dataset = make_dataset(in_memory(), batch_size=4, image_size=32, seed=0)
+    batches = list(dataset)
+    assert len(batches) == 2
+    x, y = batches[0]
+    assert x.dtype == tf.float32 and x.shape == (4, 32, 32, 3)
+    assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
+    assert (
+        set(y) == {"mask"} and y["mask"].dtype == tf.float32 and y["mask"].shape == (4, 32, 32, 1)
+    )
+    assert set(np.unique(y["mask"].numpy())) == {0.0, 1.0}
+
+
+def test_unet_contour_and_border_weights():
+    dataset = make_dataset(
+        in_memory(), batch_size=2, image_size=32, augment=False, contour=True, border_weights=True
+    )
+    x, y, weights = next(iter(dataset))
+    assert set(y) == {"mask", "contour"} and y["contour"].shape == (2, 32, 32, 1)
+    assert set(weights) == {"mask", "contour"}
+    assert weights["mask"].shape == (2, 32, 32) and weights["mask"].dtype == tf.float32
+    np.testing.assert_array_equal(weights["contour"].numpy(), 1.0)
+    # Contours lie on or next to glands, and every gland has some.
+    contour, mask = y["contour"].numpy()[..., 0], y["mask"].numpy()[..., 0]
+    assert contour.sum() > 0 and np.all(
+        ndi.binary_dilation(mask > 0, np.ones((1, 3, 3)))[contour > 0]
+    )
+
+
+def test_contour_marks_boundaries_and_separates_touching_glands():
+    labels = np.zeros((20, 30), np.int32)
+    labels[4:16, 3:14] = 1
+    labels[4:16, 14:26] = 2  # touches gland 1
+    contour = contour_map(tf.constant(labels)).numpy()
+    assert contour[10, 13] == 1 and contour[10, 14] == 1  # the shared border
+    assert contour[4, 8] == 1 and contour[10, 3] == 1  # outer borders
+    assert contour[10, 8] == 0 and contour[10, 20] == 0  # gland interiors
+    assert contour[0, 0] == 0 and contour[19, 29] == 0  # far background
+
+
+def reference_border_weights(labels, w0=10.0, sigma=5.0):
+    """The U-Net weight map with exact Euclidean distances (SciPy), border term on background."""
+    ids = [i for i in np.unique(labels) if i > 0]
+    distances = np.sort(np.stack([ndi.distance_transform_edt(labels != i) for i in ids]), axis=0)
+    border = w0 * np.exp(-((distances[0] + distances[1]) ** 2) / (2 * sigma**2))
+    foreground = labels > 0
+    w_c = np.where(
+        foreground, labels.size / (2 * foreground.sum()), labels.size / (2 * (~foreground).sum())
+    )
+    return np.where(foreground, w_c, w_c + border)
+
+
+def test_border_weights_approximate_the_unet_formula():
+    labels = np.zeros((48, 48), np.int32)
+    labels[8:40, 4:20] = 1
+    labels[8:40, 24:44] = 2  # a 4-pixel gap between glands 1 and 2
+    labels[42:47, 10:30] = 3
+    weights = border_weight_map(tf.constant(labels)).numpy()
+    reference = reference_border_weights(labels)
+    assert np.abs(weights - reference).max() < 1.5
+    assert np.abs(weights - reference).mean() < 0.1
+    assert weights[20, 22] > weights[2, 2] + 5  # inside the gap vs far background
+
+
+def test_maskrcnn_boxes_bound_their_instances_exactly():
+    dataset = make_dataset(
+        in_memory(),
+        model="maskrcnn",
+        batch_size=4,
+        image_size=48,
+        max_instances=6,
+        seed=3,
+        augment=AugmentOptions(crop_probability=1.0, min_crop_fraction=0.5),
+    )
+    for x, y in dataset:
+        assert y["boxes"].shape == (4, 6, 4) and y["boxes"].dtype == tf.float32
+        assert y["classes"].shape == (4, 6) and y["instances"].shape == (4, 48, 48)
+        assert y["instances"].dtype == tf.int32
+        for boxes, classes, instances in zip(
+            y["boxes"].numpy(), y["classes"].numpy(), y["instances"].numpy()
+        ):
+            count = int((classes == 0).sum())
+            assert count > 0
+            np.testing.assert_array_equal(classes[count:], -1)
+            np.testing.assert_array_equal(boxes[count:], -1)
+            np.testing.assert_array_equal(np.unique(instances), np.arange(count + 1))  # ids 1..K
+            for k in range(count):
+                rows, cols = np.nonzero(instances == k + 1)
+                expected = [rows.min(), cols.min(), rows.max() + 1, cols.max() + 1]
+                np.testing.assert_array_equal(boxes[k], expected)
+
+
+def test_maskrcnn_too_many_instances_names_the_image():
+    dataset = make_dataset(
+        in_memory(), model="maskrcnn", batch_size=2, image_size=32, max_instances=2, augment=False
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="img_0.*max_instances"):
+        list(dataset)
+
+
+def test_eval_batches_are_full_size_unaugmented_and_named():
+    dataset = make_dataset(in_memory(count=3, instances_dtype=np.int32), model="eval", batch_size=6)
+    batches = list(dataset)
+    assert len(batches) == 3
+    for i, batch in enumerate(batches):
+        assert batch["image"].dtype == tf.uint8 and batch["image"].shape == (1, 40, 56, 3)
+        assert batch["instances"].dtype == tf.int32
+        np.testing.assert_array_equal(batch["instances"][0].numpy(), example_labels(i))
+        assert batch["name"].numpy().tolist() == [f"img_{i}".encode()]
+
+
+def test_unnamed_examples_get_names():
+    batch = next(iter(make_dataset(in_memory(named=False), model="eval")))
+    assert batch["name"].numpy().tolist() == [b"example_0"]
+
+
+def collect(dataset):
+    return [tf.nest.map_structure(lambda t: t.numpy(), batch) for batch in dataset]
+
+
+def test_same_seed_same_batches_and_epochs_differ():
+    options = AugmentOptions(rotate_scale=True, stain_jitter=True)
+
+    def build(seed):
+        return make_dataset(
+            in_memory(), model="maskrcnn", batch_size=2, image_size=32, seed=seed, augment=options
+        )
+
+    first, second = build(5), build(5)
+    epochs_first = [collect(first), collect(first)]
+    epochs_second = [collect(second), collect(second)]
+    for a, b in zip(tf.nest.flatten(epochs_first), tf.nest.flatten(epochs_second)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(
+        epochs_first[0][0][0], epochs_first[1][0][0]
+    )  # new epoch, new batches
+    other = collect(build(6))
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(tf.nest.flatten(other), tf.nest.flatten(epochs_first[0]))
+    )
+
+
+def test_shuffle_drop_remainder_defaults():
+    augmented = [
+        centre_index(x)
+        for x, _ in make_dataset(in_memory(count=7), batch_size=3, image_size=16, seed=1)
+    ]
+    assert [len(b) for b in augmented] == [3, 3]  # training: last partial batch dropped
+    plain = [
+        centre_index(x)
+        for x, _ in make_dataset(in_memory(count=7), batch_size=3, image_size=16, augment=False)
+    ]
+    assert plain == [[0, 1, 2], [3, 4, 5], [6]]  # no augmentation: in order, nothing dropped
+
+
+def test_cache_gives_the_same_batches():
+    plain = collect(make_dataset(in_memory(), batch_size=4, image_size=24, seed=2))
+    cached = make_dataset(in_memory(), batch_size=4, image_size=24, seed=2, cache=True)
+    for a, b in zip(tf.nest.flatten(plain), tf.nest.flatten(collect(cached))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_mirrored_strategy_sees_every_example_exactly_once():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    dataset = make_dataset(in_memory(count=8), batch_size=4, image_size=16, seed=4)
+    assert (
+        dataset.options().experimental_distribute.auto_shard_policy
+        == tf.data.experimental.AutoShardPolicy.DATA
+    )
+    seen = []
+    for x, _ in strategy.experimental_distribute_dataset(dataset):
+        for local in strategy.experimental_local_results(x):
+            assert local.shape[0] == 2  # the global batch of 4 split over 2 replicas
+            seen += centre_index(local)
+    assert sorted(seen) == list(range(8))
+
+
+def test_bad_arguments_and_sources_are_clear_errors():
+    with pytest.raises(ValueError, match="model"):
+        make_dataset(in_memory(), model="yolo")
+    with pytest.raises(ValueError, match="image_size"):
+        make_dataset(in_memory(), image_size=0)
+    with pytest.raises(ValueError, match="contour"):
+        make_dataset(in_memory(), model="maskrcnn", contour=True)
+    with pytest.raises(ValueError, match="source"):
+        make_dataset(42)
+    with pytest.raises(ValueError, match="'image' and 'instances'"):
+        make_dataset(
+            tf.data.Dataset.from_tensor_slices({"pixels": np.zeros((2, 4, 4, 3), np.uint8)})
+        )
+    with pytest.raises(ValueError, match="uint8"):
+        make_dataset(
+            tf.data.Dataset.from_tensor_slices(
+                {"image": np.zeros((2, 4, 4, 3)), "instances": np.zeros((2, 4, 4), np.int32)}
+            )
+        )
+
+
+def test_corrupt_example_names_it():
+    good = in_memory(count=2)
+    bad = tf.data.Dataset.from_tensors(
+        {
+            "image": np.zeros((40, 56, 3), np.uint8),
+            "instances": np.zeros((40, 50), np.uint16),
+            "name": "broken_3",
+        }
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="broken_3"):
+        list(make_dataset(good.concatenate(bad), batch_size=1, image_size=16, augment=False))
+
+
+def test_synthetic_tfds_dataset(synthetic_data_dir):
+    x, y = next(
+        iter(
+            make_dataset(
+                "glas/synthetic",
+                split="train[:4]",
+                model="maskrcnn",
+                batch_size=2,
+                image_size=64,
+                seed=0,
+                data_dir=synthetic_data_dir,
+            )
+        )
+    )
+    assert x.shape == (2, 64, 64, 3) and y["boxes"].shape == (2, 100, 4)
+    assert int((y["classes"].numpy() == 0).sum()) > 0
+    names = [
+        b["name"][0].numpy().decode()
+        for b in make_dataset(
+            "glas/synthetic", split="test_b", model="eval", data_dir=synthetic_data_dir
+        )
+    ]
+    assert len(names) == 8 and all(name.startswith("testB_") for name in names)
+
+
+def test_synthetic_missing_split_unknown_dataset_and_truncated_file(synthetic_data_dir, tmp_path):
+    with pytest.raises(ValueError, match="split 'validation'.*test_a"):
+        make_dataset("glas/synthetic", split="validation", data_dir=synthetic_data_dir)
+    with pytest.raises(ValueError, match="glas/nonexistent"):
+        make_dataset("glas/nonexistent", data_dir=synthetic_data_dir)
+    with pytest.raises(ValueError, match="not prepared"):
+        make_dataset("glas/synthetic", data_dir=str(tmp_path / "empty"))
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_data_dir, copy)
+    (record,) = Path(copy).glob("glas/synthetic/*/glas-test_b.tfrecord-*")
+    record.write_bytes(record.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="corrupt records.*test_b"):
+        make_dataset("glas/synthetic", split="test_b", data_dir=str(copy))
