@@ -1,0 +1,153 @@
+"""The real-GlaS benchmark driver (`benchmarks/real_glas.py`) and its CPU configs.
+
+The end-to-end test runs the whole chain (build `glas/binary_masks`, train, export, evaluate,
+post-processing study, leaderboard) with `--smoke` on the first 10 images of each split of the
+real data; the others check the configs and the driver's own logic without training.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import real_glas
+from keras_glas.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Longer side of most GlaS images: the exported model predicts at this size.
+NATIVE_LONG_SIDE = 775
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("model", ["unet", "maskrcnn"])
+def test_cpu_config_validates_and_trains_at_test_scale(model):
+    config = load_config(REPO_ROOT / "configs" / f"{model}_glas_cpu.yaml")
+    assert config.model.name == model
+    assert config.data.dataset == "glas/binary_masks"
+    assert config.data.validation_fraction > 0  # checkpoint selection on train[:k%], not test
+    # Test images are predicted at full size: the scales seen in training (resize of the
+    # longer side to image_size, crop zoom, rotate_scale zoom) must include 1.0.
+    augment = config.data.augment
+    base = config.data.image_size / NATIVE_LONG_SIDE
+    low, high = base, base / (augment.min_crop_fraction if augment.crop else 1.0)
+    if augment.rotate_scale:
+        low, high = low * augment.scale_range[0], high * augment.scale_range[1]
+    assert low <= 1.0 + 0.02 and high >= 1.0 - 0.02, (low, high)
+
+
+def test_study_variants_switch_one_step_on_at_a_time():
+    configured = {"threshold": 0.5, "min_size": 300, "fill_holes": True, "split": "contour",
+                  "contour_threshold": 0.5, "watershed_h": 3.0}
+    variants = real_glas.study_variants(configured, has_contour=True)
+    assert set(variants) == {"none", "fill_holes", "min_size", "split_watershed",
+                             "split_contour", "config", "config_split_none",
+                             "config_split_watershed"}
+    assert variants["none"] == ["min_size=0", "fill_holes=false", "split=none"]
+    assert variants["min_size"] == ["min_size=300", "fill_holes=false", "split=none"]
+    assert variants["split_contour"] == ["min_size=0", "fill_holes=false", "split=contour"]
+    assert "fill_holes=true" in variants["config"] and "split=contour" in variants["config"]
+    assert variants["config_split_none"] == [
+        option.replace("split=contour", "split=none") for option in variants["config"]]
+    without_head = real_glas.study_variants({**configured, "min_size": 0}, has_contour=False)
+    assert "split_contour" not in without_head and "config_split_contour" not in without_head
+    assert without_head["min_size"][0] == f"min_size={real_glas.STUDY_MIN_SIZE}"
+
+
+def _scores(f1, dice, hausdorff):
+    return {"f1": f1, "object_dice": dice, "object_hausdorff": hausdorff,
+            "seed": {"f1": f1, "object_dice": dice, "object_hausdorff": hausdorff}}
+
+
+def test_compare_to_baseline_signs_and_majority_rule():
+    variants = {
+        "none": {"test_a": _scores(0.5, 0.6, 100.0), "test_b": _scores(0.5, 0.6, 100.0)},
+        # better F1 and Hausdorff on A; only Dice better on B
+        "fill_holes": {"test_a": _scores(0.6, 0.6, 90.0), "test_b": _scores(0.4, 0.7, 120.0)},
+    }
+    result = real_glas.compare_to_baseline(variants)
+    delta = result["deltas_vs_none"]["fill_holes"]["test_a"]["official"]
+    assert delta["f1"] == pytest.approx(0.1) and delta["object_hausdorff"] == pytest.approx(-10.0)
+    assert result["helps"] == {"fill_holes": {"test_a": True, "test_b": False}}
+
+
+def test_learning_curve_stamps_rows_and_marks_resumed_ones(tmp_path):
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss,val_loss\n0,1.0,1.5\n")
+    clock = real_glas.HistoryClock(history, poll_seconds=60)
+    clock.start()
+    with history.open("a") as handle:
+        handle.write("1,0.5,0.9\n")
+    clock.stop()
+    curve = real_glas.learning_curve(history, clock.stamps)
+    assert [point["epoch"] for point in curve] == [1, 2]
+    assert curve[0]["elapsed_s"] is None  # present before the run started (resumed run)
+    assert curve[1]["elapsed_s"] >= 0 and curve[1]["val_loss"] == 0.9
+
+
+def test_failing_stage_names_itself_and_its_log(tmp_path):
+    argv = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+    with pytest.raises(real_glas.StageError, match=r"stage train-unet failed with exit code 3"
+                                                   r".*train-unet\.log") as error:
+        real_glas.run_stage("train-unet", argv, tmp_path)
+    assert str(tmp_path / "train-unet.log") in str(error.value)
+    assert "boom" in (tmp_path / "train-unet.log").read_text()
+
+
+@pytest.mark.parametrize("flags", [["--smoke"], ["--max-images", "10"]])
+def test_partial_runs_refuse_the_repository_results_dir(flags):
+    args = real_glas.parse_args([*flags, "--out-dir", str(REPO_ROOT / "results")])
+    with pytest.raises(SystemExit, match="never write into the repository's results"):
+        real_glas.resolve_paths(args)
+
+
+def test_max_images_floor():
+    with pytest.raises(SystemExit, match="--max-images must be >= 10"):
+        real_glas.resolve_paths(real_glas.parse_args(["--smoke", "--max-images", "3"]))
+
+
+def test_smoke_chain_on_real_glas(shared_glas_dir, tmp_path):
+    work_dir, out_dir = tmp_path / "work", tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.real_glas", "--smoke", "--models", "unet",
+         "--max-images", "10", "--glas-dir", str(shared_glas_dir), "--work-dir", str(work_dir),
+         "--out-dir", str(out_dir)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
+        env={**real_glas.subprocess_env(), "CUDA_VISIBLE_DEVICES": ""})
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    record = json.loads((out_dir / "real_glas_unet.json").read_text())
+    assert record["dataset"] == "glas/binary_masks" and record["smoke"] is True
+    for split in real_glas.SPLITS:
+        scores = record[split]
+        assert scores["n_images"] == 10
+        for key in ("f1", "object_dice", "object_hausdorff"):
+            assert math.isfinite(scores[key]), (split, key, scores[key])
+            assert math.isfinite(scores["seed"][key]), (split, "seed", key)
+    for stage in ("train", "export", "evaluate"):
+        assert record["commands"][stage].startswith(f"python -m keras_glas.{stage} ")
+    assert "--figures" in record["commands"]["evaluate"]
+    assert all(seconds > 0 for seconds in record["timings"].values()), record["timings"]
+    assert record["resolved_config"]["model"]["base_filters"] == 4
+    assert [point["epoch"] for point in record["learning_curve"]] == [1]
+    assert record["learning_curve"][0]["elapsed_s"] > 0
+    assert "val_loss" in record["learning_curve"][0]
+    gaps = record["target_gaps"]
+    assert gaps["seed"]["target"] == "DTU-MASKRCNN" and gaps["official"]["target"] == "CUMedVision2"
+    seed_f1 = gaps["seed"]["test_a"]["f1"]
+    assert seed_f1["better_by"] == pytest.approx(record["test_a"]["seed"]["f1"] - 0.922)
+    assert record["machine"]["logical_cores"] >= 1 and "tensorflow" in " ".join(record["versions"])
+
+    figures = sorted((out_dir / "figures" / "unet").iterdir())
+    assert [path.name for path in figures] == sorted(
+        f"{split}_{label}.png" for split in real_glas.SPLITS for label in real_glas.FIGURE_LABELS)
+    assert all(path.read_bytes()[:8] == PNG_MAGIC for path in figures)
+    assert sorted(record["figures"]) == [str(path.relative_to(out_dir)) for path in figures]
+
+    study = json.loads((out_dir / "postprocess_study.json").read_text())
+    assert set(study["variants"]) == set(real_glas.SMOKE_STUDY_VARIANTS)
+    assert study["variants"]["none"]["postprocess"]["split"] == "none"
+    assert set(study["helps"]["config"]) == set(real_glas.SPLITS)
+    assert "smoke unet" in (out_dir / "leaderboard.md").read_text()
+    assert (out_dir / "leaderboard.png").read_bytes()[:8] == PNG_MAGIC
