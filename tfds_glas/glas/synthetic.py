@@ -248,3 +248,28 @@ def draw_tile(seed, height, width, malignant):
     image = cv2.GaussianBlur(image.astype(np.float32), (3, 3), 0.8)
     image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), instances
+
+
+
+def write_tiles(out_dir, count, first_seed=100_000):
+    """Writes `count` synthetic tiles as `out_dir/synthetic_<seed>.png` (RGB), and their
+    instance maps as `out_dir/instances/synthetic_<seed>.png` (uint16), e.g. to try the
+    prediction CLI. Seeds start at `first_seed`, away from the `glas/synthetic` examples' seeds.
+
+    Returns:
+        list of the image paths written.
+    """
+    import pathlib
+
+    out_dir = pathlib.Path(out_dir)
+    (out_dir / "instances").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(first_seed)
+    paths = []
+    for seed in range(first_seed, first_seed + count):
+        height, width = sample_tile_size(rng)
+        image, instances = draw_tile(seed, height, width, malignant=seed % 2 == 1)
+        path = out_dir / f"synthetic_{seed}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out_dir / "instances" / path.name), instances)
+        paths.append(path)
+    return paths

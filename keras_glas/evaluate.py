@@ -1,0 +1,234 @@
+"""Score an exported model on the GlaS test splits with the challenge metrics.
+
+`python -m keras_glas.evaluate MODEL --split test_a|test_b|all [--dataset glas|glas/synthetic|
+glas/binary_masks] [--data-dir D] [--json FILE] [--figures DIR] [--postprocess key=value ...]
+[--name ROW_NAME]`
+
+MODEL is a SavedModel written by `keras_glas.export`, or a training run directory / `.keras`
+file, which is exported to a temporary SavedModel first: every number comes from the artefact
+users deploy. The SavedModel's `instances` output is scored as it is; with `--postprocess` its
+`probabilities` (+ `contour`) are post-processed again in NumPy with the export's options
+updated by the given ones (e.g. `--postprocess min_size=100 split=watershed`), U-Net only.
+
+Per split it reports the official GlaS metrics pooled over the split (object F1, object Dice,
+object Hausdorff, with TP/FP/FN), the seed's count score averaged per image, and the seed's
+metric variants (`seed`, see `keras_glas.metrics.seed_compatible_scores`), prints them as a
+table and writes them as JSON:
+`{"model", "dataset", "ground_truth", "postprocess", "test_a": {"f1", "object_dice",
+"object_hausdorff", "count", "tp", "fp", "fn", "n_images", "seed": {"f1", "object_dice",
+"object_hausdorff", "count"}}, "test_b": {...}}`. `--figures DIR` saves the best, average
+(median) and worst prediction of each split by per-image object Dice: image, ground truth
+overlay, prediction overlay.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from keras_glas import metrics
+from keras_glas.export import ensure_saved_model, postprocess_options, read_export_info
+from keras_glas.postprocess import postprocess_instances
+from keras_glas.predict import SavedModelPredictor, colour_overlay
+
+SPLITS = ("test_a", "test_b")
+DATASETS = ("glas", "glas/synthetic", "glas/binary_masks")
+TABLE_COLUMNS = (("F1", "f1"), ("Obj. Dice", "object_dice"), ("Obj. Hausdorff", "object_hausdorff"),
+                 ("Count", "count"))
+
+
+@dataclasses.dataclass
+class ScoredImage:
+    """One test image with its prediction; `image` is kept only when figures are requested."""
+
+    name: str
+    prediction: np.ndarray  # int32 (H, W)
+    ground_truth: np.ndarray  # int32 (H, W)
+    image: np.ndarray | None = None  # uint8 (H, W, 3)
+
+
+def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, keep_images=False):
+    """Run `predictor` over a test split.
+
+    Args:
+        predictor: callable uint8 (H, W, 3) → dict with `instances`, `probabilities`
+            (+ `contour`), e.g. `keras_glas.predict.SavedModelPredictor`.
+        dataset: TFDS name (`glas`, `glas/synthetic`, `glas/binary_masks`).
+        split: TFDS split name.
+        data_dir: TFDS data_dir.
+        postprocess: None to use the `instances` output; a `PostprocessOptions` to rebuild
+            instances from `probabilities` (+ `contour`) with NumPy `postprocess_instances`.
+        keep_images: keep each input image (for figures).
+    Returns:
+        list of `ScoredImage`, in dataset order.
+    """
+    from keras_glas.data import make_dataset
+
+    examples = make_dataset(dataset, split=split, model="eval", data_dir=data_dir)
+    total = int(examples.cardinality())
+    scored = []
+    for example in tqdm(examples.as_numpy_iterator(), desc=split, unit="image",
+                        total=total if total > 0 else None):
+        image = example["image"][0]
+        outputs = predictor(image)
+        if postprocess is None:
+            prediction = outputs["instances"]
+        else:
+            prediction = postprocess_instances(outputs["probabilities"], outputs.get("contour"), postprocess)
+        scored.append(ScoredImage(name=example["name"][0].decode(), prediction=prediction.astype(np.int32),
+                                  ground_truth=example["instances"][0].astype(np.int32),
+                                  image=image if keep_images else None))
+    return scored
+
+
+def score_split(scored):
+    """The JSON record of one split (see the module docstring) from a list of `ScoredImage`."""
+    preds = [item.prediction for item in scored]
+    gts = [item.ground_truth for item in scored]
+    official = metrics.glas_scores(preds, gts)
+    seed = metrics.seed_compatible_scores(preds, gts)
+    return {
+        "f1": float(official["f1"]),
+        "object_dice": float(official["object_dice"]),
+        "object_hausdorff": float(official["object_hausdorff"]),
+        "count": float(np.mean([metrics.count_score(p, g) for p, g in zip(preds, gts)])),
+        "tp": int(official["tp"]),
+        "fp": int(official["fp"]),
+        "fn": int(official["fn"]),
+        "n_images": len(scored),
+        "seed": {key: float(seed[key]) for key in ("f1", "object_dice", "object_hausdorff", "count")},
+    }
+
+
+def format_table(name, results):
+    """Markdown table, one row per split: official metrics then the seed-compatible ones."""
+    header = ["Model", "Split"] + [title for title, _ in TABLE_COLUMNS] + [
+        f"Seed {title}" for title, _ in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for split in SPLITS:
+        if split not in results:
+            continue
+        row = results[split]
+        cells = [name, split] + [f"{row[key]:.3f}" for _, key in TABLE_COLUMNS] + [
+            f"{row['seed'][key]:.3f}" for _, key in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path, data):
+    """Write `data` as JSON at `path` through a temp file in the same directory + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as handle:
+        json.dump(data, handle, indent=2, allow_nan=True)
+    os.replace(handle.name, path)
+
+
+def pick_examples(scored):
+    """Best, average (median) and worst images by per-image object Dice: [(label, item, dice)]."""
+    dice = np.array([metrics.object_dice(item.prediction, item.ground_truth) for item in scored])
+    order = np.argsort(-dice, kind="stable")
+    picks = {"best": order[0], "average": order[len(order) // 2], "worst": order[-1]}
+    return [(label, scored[index], float(dice[index])) for label, index in picks.items()]
+
+
+def save_figures(scored, split, figures_dir):
+    """Save `DIR/<split>_{best,average,worst}.png` (image | ground truth | prediction).
+
+    Returns:
+        list of the written paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir = Path(figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for label, item, dice in pick_examples(scored):
+        figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        panels = [(item.image, item.name),
+                  (colour_overlay(item.image, item.ground_truth), f"ground truth ({item.ground_truth.max()} ids)"),
+                  (colour_overlay(item.image, item.prediction), f"prediction, object Dice {dice:.3f}")]
+        for axis, (picture, title) in zip(axes, panels):
+            axis.imshow(picture)
+            axis.set_title(title, fontsize=9)
+            axis.axis("off")
+        figure.suptitle(f"{split}: {label}")
+        figure.tight_layout()
+        path = figures_dir / f"{split}_{label}.png"
+        temporary = path.with_name(f".{path.name}.tmp")
+        figure.savefig(temporary, format="png", dpi=100)
+        plt.close(figure)
+        os.replace(temporary, path)
+        written.append(path)
+    return written
+
+
+def evaluate(model_path, splits=SPLITS, dataset="glas", data_dir=None, postprocess_overrides=(),
+             figures_dir=None, name=None):
+    """Evaluate MODEL (SavedModel, run dir or `.keras`) on `splits`; returns the JSON record."""
+    with tempfile.TemporaryDirectory() as work_dir:
+        saved_model = ensure_saved_model(model_path, work_dir)
+        info = read_export_info(saved_model)
+        options = None
+        if postprocess_overrides:
+            if info.get("model_kind", "unet") != "unet":
+                raise ValueError("--postprocess re-post-processes U-Net probabilities; a Mask R-CNN "
+                                 "builds its instance map itself: drop --postprocess")
+            options = postprocess_options(info.get("postprocess"), postprocess_overrides)
+        predictor = SavedModelPredictor(saved_model)
+        results = {
+            "model": name or Path(model_path).name,
+            "dataset": dataset,
+            "ground_truth": "binary_masks" if dataset == "glas/binary_masks" else "instances",
+            "postprocess": dataclasses.asdict(options) if options else info.get("postprocess"),
+        }
+        for split in splits:
+            scored = predict_split(predictor, dataset, split, data_dir, options,
+                                   keep_images=figures_dir is not None)
+            if not scored:
+                raise ValueError(f"split {split} of {dataset} holds no image")
+            results[split] = score_split(scored)
+            if figures_dir is not None:
+                save_figures(scored, split, figures_dir)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m keras_glas.evaluate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("model", metavar="MODEL", help="SavedModel dir, training run dir or .keras file")
+    parser.add_argument("--split", required=True, choices=(*SPLITS, "all"))
+    parser.add_argument("--dataset", default="glas", choices=DATASETS)
+    parser.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the scores as JSON")
+    parser.add_argument("--figures", default=None, metavar="DIR",
+                        help="save best / average / worst predictions as PNG")
+    parser.add_argument("--postprocess", nargs="+", default=(), metavar="KEY=VALUE",
+                        help="re-post-process probabilities in NumPy, e.g. min_size=100 split=watershed")
+    parser.add_argument("--name", default=None, help="row name in the table and JSON (default: MODEL's name)")
+    args = parser.parse_args(argv)
+    splits = SPLITS if args.split == "all" else (args.split,)
+    try:
+        results = evaluate(args.model, splits, args.dataset, args.data_dir, args.postprocess,
+                           args.figures, args.name)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    print(format_table(results["model"], results))
+    if args.json:
+        write_json(args.json, results)
+        print(f"scores written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
