@@ -374,3 +374,20 @@ def test_binary_masks_on_real_images(shared_glas_dir, tmp_path):
         expected = ndimage.label(mask, structure=np.ones((3, 3)))[0]
         assert expected.max() >= 1
         np.testing.assert_array_equal(named[name]["instances"], expected)
+
+
+def test_write_tiles_writes_images_with_their_instance_maps(tmp_path):
+    paths = synthetic.write_tiles(tmp_path, 2)
+    assert [p.name for p in paths] == ["synthetic_100000.png", "synthetic_100001.png"]
+    for path in paths:
+        image = np.asarray(Image.open(path))
+        instances = np.asarray(Image.open(tmp_path / "instances" / path.name))
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert (image.shape[1], image.shape[0]) in synthetic.GLAS_SIZES
+        assert instances.shape == image.shape[:2] and instances.max() >= 1
+        # The files hold exactly the tile drawn from that seed (RGB, not OpenCV's BGR).
+        seed = int(path.stem.split("_")[1])
+        expected_image, expected_instances = synthetic.draw_tile(
+            seed, *image.shape[:2], malignant=seed % 2 == 1)
+        np.testing.assert_array_equal(image, expected_image)
+        np.testing.assert_array_equal(instances, expected_instances)
