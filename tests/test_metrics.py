@@ -1,6 +1,7 @@
 """GlaS metrics on hand-made label maps whose answers are worked out in the comments."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -242,6 +243,79 @@ def test_bad_splits_raise_value_error():
         metrics.glas_scores(label_map, label_map)
     with pytest.raises(ValueError, match=r"pred\[1\]"):
         metrics.glas_scores([label_map, label_map.astype(float)], [label_map, label_map])
+
+
+# Pathological predictions (what an untrained model gives) must be scored in bounded time -----
+GLAS_SHAPE = (522, 775)
+
+
+def gland_grid():
+    """GlaS-sized gt with 15 rectangular glands of distinct sizes; returns (map, boxes)."""
+    gt = np.zeros(GLAS_SHAPE, np.int32)
+    boxes = []
+    for k in range(15):
+        top, left = 20 + 170 * (k // 5), 20 + 150 * (k % 5)
+        box = (top, top + 40 + 3 * k, left, left + 60 + 2 * k)  # [top, bottom) x [left, right)
+        gt[box[0] : box[1], box[2] : box[3]] = k + 1
+        boxes.append(box)
+    return gt, boxes
+
+
+def farthest_image_pixel_from_box(box, shape):
+    """Largest distance from a pixel of the image to the rectangle `box` (at an image corner)."""
+    top, bottom, left, right = box[0], box[1] - 1, box[2], box[3] - 1
+    return max(
+        math.hypot(max(top - row, row - bottom, 0), max(left - col, col - right, 0))
+        for row in (0, shape[0] - 1)
+        for col in (0, shape[1] - 1)
+    )
+
+
+def test_whole_image_prediction_is_fast_and_exact():
+    gt, boxes = gland_grid()
+    pred = np.ones(GLAS_SHAPE, np.uint8)  # one object covering the image
+    start = time.perf_counter()
+    result = metrics.glas_scores([pred], [gt])
+    assert time.perf_counter() - start < 5.0
+    areas = np.array([(b[1] - b[0]) * (b[3] - b[2]) for b in boxes], np.float64)
+    image = float(pred.size)
+    # The prediction's partner is the largest gland (the last), which it covers entirely:
+    # TP 1, FP 0, FN 14, F1 2/16. Every gland partners with the prediction.
+    assert (result["tp"], result["fp"], result["fn"]) == (1, 0, 14)
+    assert result["f1"] == pytest.approx(1 / 8)
+    dice = 2 * areas / (areas + image)
+    expected_dice = 0.5 * (dice[-1] + areas @ dice / areas.sum())
+    assert result["object_dice"] == pytest.approx(expected_dice, abs=1e-12)
+    # H(image, gland) = distance from the farthest image corner to the gland rectangle.
+    distance = np.array([farthest_image_pixel_from_box(b, GLAS_SHAPE) for b in boxes])
+    expected_hausdorff = 0.5 * (distance[-1] + areas @ distance / areas.sum())
+    assert result["object_hausdorff"] == pytest.approx(expected_hausdorff, abs=1e-9)
+
+
+def test_many_specks_against_a_few_glands_is_fast():
+    gt, boxes = gland_grid()
+    gt[gt > 3] = 0  # keep three glands
+    pred = np.zeros(GLAS_SHAPE, np.int32)
+    rows, cols = np.meshgrid(np.arange(0, 520, 11), np.arange(0, 773, 11), indexing="ij")
+    for label, (row, col) in enumerate(zip(rows.ravel(), cols.ravel()), start=1):
+        pred[row : row + 2, col : col + 2] = label  # 3384 specks of 2 x 2
+    start = time.perf_counter()
+    result = metrics.glas_scores([pred], [gt])
+    assert time.perf_counter() - start < 5.0
+    # A 4-px speck never covers more than half a gland: TP 0, every speck FP, 3 FN.
+    assert (result["tp"], result["fp"], result["fn"]) == (0, rows.size, 3)
+    assert result["f1"] == 0.0
+    # A speck covering o px of a gland G (glands are far apart: at most one) has Dice
+    # 2 o / (4 + |G|), 0 off the glands; a gland's partner is a speck wholly inside it (4 px,
+    # ties to the smallest id), Dice 8 / (4 + |G|).
+    areas = np.bincount(gt.ravel())[1:].astype(np.float64)
+    speck_dice = np.array([
+        2 * np.count_nonzero(patch) / (4 + areas[patch.max() - 1]) if patch.any() else 0.0
+        for patch in (gt[r : r + 2, c : c + 2] for r, c in zip(rows.ravel(), cols.ravel()))
+    ])
+    expected_dice = 0.5 * (speck_dice.mean() + areas @ (8 / (4 + areas)) / areas.sum())
+    assert result["object_dice"] == pytest.approx(expected_dice, abs=1e-12)
+    assert 0 < result["object_hausdorff"] < metrics.image_diagonal(GLAS_SHAPE)
 
 
 # --------------------------------------------------------------------------------------------
