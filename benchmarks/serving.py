@@ -3,15 +3,21 @@
 `python -m benchmarks.serving [--out FILE.json] [--config configs/unet.yaml] [--run-dir RUN]
 [--base-filters N] [--runs 5]`
 
-Times `serving_default` of a SavedModel written by `keras_glas.export` on one 775×522 image
-(uint8 in; scaling, padding, U-Net, cropping and in-graph post-processing included) against the
-Keras model's forward pass alone on the same image padded to a multiple of 2**depth (a
-`tf.function` of `model(x, training=False)`). Each is warmed up once, then the median of
-`--runs` calls is reported. The model is the config's U-Net (the seed's width, base 64, by
-default) with random weights, or a trained run with `--run-dir` (post-processing time depends on
-what the mask looks like, so a trained model is the representative case). The image is
-`testA_1.bmp` of the real GlaS where `../shared/data/glas` holds it, else a synthetic one.
-Goal (issue 6): `ratio = savedmodel_s / keras_forward_s <= 1.5`.
+Times `serving_default` of SavedModels written by `keras_glas.export` on one 775×522 image at
+two inference scales: the export's default, the run's training scale `data.image_size` S (512
+for `configs/unet.yaml`: the network runs at 512×345), and native resolution (`--image-size 0`,
+the network runs at 775×522). The SavedModel time includes everything a client gets (uint8 in;
+scaling, resizing, padding, U-Net, cropping, resizing back, in-graph post-processing at
+775×522). The reference is the Keras model's forward pass alone at the same network input (the
+image resized as the SavedModel does, padded to a multiple of 2**depth; a `tf.function` of
+`model(x, training=False)`). Each is warmed up once, then the median of `--runs` calls is
+reported; the two are called alternately so that both see the same load. The model is the
+config's U-Net (the seed's width, base 64, by default) with random weights, or a trained run
+with `--run-dir` (post-processing time depends on what the mask looks like, so a trained model
+is the representative case). The image is `testA_1.bmp` of the real
+GlaS where `../shared/data/glas` holds it, else a synthetic one. The load average before and
+after is recorded: the CPU may be shared. Goal (issue 6): `ratio = savedmodel_s /
+keras_forward_s <= 1.5` at each scale.
 """
 
 import argparse
@@ -52,15 +58,51 @@ def benchmark_image():
     return (255 * colour).astype(np.uint8), "synthetic"
 
 
-def median_seconds(function, runs):
-    """Median wall time of `function()` over `runs` calls, after one warm-up call."""
-    function()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def interleaved_median_seconds(functions, runs):
+    """Median wall time of each of `functions` over `runs` calls, after one warm-up call each.
+
+    The calls alternate (a, b, a, b, ...) so that a load change on a shared CPU hits both alike
+    and their ratio stays meaningful.
+    """
+    for function in functions:
         function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in functions]
+    for _ in range(runs):
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+def keras_input(image, image_size, multiple):
+    """float32 (1, h, w, 3): the network input the SavedModel builds for `image` at `image_size`
+    (0 = native), zero-padded to `multiple`."""
+    inputs = tf.constant(image[None], tf.float32) / 255.0
+    if image_size:
+        inputs = export.resize_to_training_scale(inputs, image_size)
+    return export.pad_to_multiple(inputs, multiple)
+
+
+def time_scale(model, config, image, image_size, runs, work_dir):
+    """Latency record of one inference scale: SavedModel vs Keras forward at its input size."""
+    inputs = keras_input(image, image_size, export.unet_pad_multiple(model))
+    forward = tf.function(lambda x: model(x, training=False))
+    saved_model = export.export_model(model, Path(work_dir) / f"saved_model_{image_size}",
+                                      config.postprocess, image_size=image_size)
+    serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
+    batch = tf.constant(image[None])
+    savedmodel_s, keras_forward_s = interleaved_median_seconds(
+        [lambda: serve(images=batch)["instances"].numpy(), lambda: forward(inputs)["mask"].numpy()], runs)
+    return {
+        "image_size": image_size,
+        "network_input_hw": [int(inputs.shape[1]), int(inputs.shape[2])],
+        "savedmodel_s": savedmodel_s,
+        "keras_forward_s": keras_forward_s,
+        "ratio": savedmodel_s / keras_forward_s,
+        "meets_goal": savedmodel_s / keras_forward_s <= GOAL_RATIO,
+        "n_instances": int(serve(images=batch)["instances"].numpy().max()),
+    }
 
 
 def main(argv=None):
@@ -81,39 +123,32 @@ def main(argv=None):
         with export.float32_policy():
             model = build_model(config.model)
     image, image_name = benchmark_image()
-    multiple = export.unet_pad_multiple(model)
-    padded = tf.constant(np.pad(image.astype(np.float32) / 255.0,
-                                [(0, -HEIGHT % multiple), (0, -WIDTH % multiple), (0, 0)])[None])
-    forward = tf.function(lambda x: model(x, training=False))
-    keras_forward_s = median_seconds(lambda: forward(padded)["mask"].numpy(), args.runs)
-
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work_dir:
-        saved_model = export.export_model(model, Path(work_dir) / "saved_model", config.postprocess)
-        serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
-        batch = tf.constant(image[None])
-        savedmodel_s = median_seconds(lambda: serve(images=batch)["instances"].numpy(), args.runs)
-        n_instances = int(serve(images=batch)["instances"].numpy().max())
-
+        scales = {name: time_scale(model, config, image, image_size, args.runs, work_dir)
+                  for name, image_size in (("training_scale", config.data.image_size), ("native", 0))}
     results = {
-        "savedmodel_s": savedmodel_s,
-        "keras_forward_s": keras_forward_s,
-        "ratio": savedmodel_s / keras_forward_s,
+        "scales": scales,
         "goal_ratio": GOAL_RATIO,
-        "meets_goal": savedmodel_s / keras_forward_s <= GOAL_RATIO,
         "image": image_name,
         "image_hw": [HEIGHT, WIDTH],
         "base_filters": config.model.base_filters,
         "depth": config.model.depth,
         "weights": args.run_dir or "random",
         "postprocess": dataclasses.asdict(config.postprocess),
-        "n_instances": n_instances,
         "runs": args.runs,
         "cpu_count": os.cpu_count(),
+        "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
         "tensorflow": tf.__version__,
     }
-    print(f"SavedModel (post-processing included): {savedmodel_s:.3f} s   Keras forward: "
-          f"{keras_forward_s:.3f} s   ratio {results['ratio']:.2f} (goal <= {GOAL_RATIO}), "
-          f"U-Net base {results['base_filters']}, {image_name} {WIDTH}x{HEIGHT}, {n_instances} instances")
+    print(f"U-Net base {results['base_filters']}, {image_name} {WIDTH}x{HEIGHT}, median of "
+          f"{args.runs}, load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
+    for name, row in scales.items():
+        height, width = row["network_input_hw"]
+        print(f"  {name:<14} (image_size {row['image_size']}, network {width}x{height}): "
+              f"SavedModel {row['savedmodel_s']:.3f} s   Keras forward {row['keras_forward_s']:.3f} s"
+              f"   ratio {row['ratio']:.2f} (goal <= {GOAL_RATIO})   {row['n_instances']} instances")
     if args.out:
         from keras_glas.evaluate import write_json
 

@@ -1,24 +1,38 @@
 """Export a trained model as a self-contained TensorFlow SavedModel.
 
-`python -m keras_glas.export RUN_DIR OUT_DIR [--checkpoint best|last|PATH] [--overwrite]`
+`python -m keras_glas.export RUN_DIR OUT_DIR [--checkpoint best|last|PATH] [--image-size S]
+[--postprocess KEY=VALUE ...] [--overwrite]`
 rebuilds the model of a training run (contract 10) from its `config.yaml`, loads a checkpoint
 and writes a SavedModel (contract 11) whose graph does everything a client needs:
 
-- `serving_default(images: uint8 (N, H, W, 3))`, any H×W: scale to [0, 1], pad to a multiple
-  of the network's stride, run, crop back, post-process in graph (threshold, connected
-  components, optional small-object removal, hole filling and contour split) →
-  `instances` int32 (N, H, W), `probabilities` float32 (N, H, W), plus `contour` float32
-  (N, H, W) for a U-Net with a contour head, or `boxes` float32 (N, D, 4) and `scores` float32
-  (N, D) for Mask R-CNN.
+- `serving_default(images: uint8 (N, H, W, 3))`, any H×W: scale to [0, 1], resize to the
+  training scale (below), pad to a multiple of the network's stride, run, crop back, resize
+  the maps back to H×W, post-process in graph at H×W (threshold, connected components,
+  optional small-object removal, hole filling and contour split; `min_size` counts native
+  pixels) → `instances` int32 (N, H, W), `probabilities` float32 (N, H, W), plus `contour`
+  float32 (N, H, W) for a U-Net with a contour head, or `boxes` float32 (N, D, 4) (yxyx pixels
+  of the original H×W image) and `scores` float32 (N, D) for Mask R-CNN.
 - `serve_bytes(images: string (N,))`: PNG / BMP / JPEG bytes (TF Serving's REST `{"b64": ..}`)
   decoded in graph, then the same outputs. All images of one request must share a size.
 
+Inference scale: training (`keras_glas.data`) resizes every image so that its longer side is
+`data.image_size` S, so the network has only seen glands at that scale. The SavedModel does
+the same: an H×W request runs the network at (round(H·s), round(W·s)), s = S / max(H, W),
+resized like the pipeline (anti-aliased bilinear, `keras_glas.augment.resize_with_pad`); the
+U-Net's `probabilities` / `contour` come back to H×W bilinearly, Mask R-CNN's `instances` by
+nearest neighbour, its `probabilities` bilinearly and its `boxes` divided by the scale of each
+axis. S defaults to the run's `data.image_size`; `--image-size S` overrides it and
+`--image-size 0` runs the network at the native resolution (for models trained on native-scale
+crops). `export_model` on a bare Keras model (and a `.keras` file) defaults to native
+resolution: nothing records its training scale.
+
 Nothing from `keras_glas` (or Keras) is needed to load or run it:
 `tf.saved_model.load(path).signatures["serving_default"](images=...)`. The resolved run config
-and `keras_glas_export.json` (model kind, post-processing options, versions) are stored in the
-SavedModel's `assets.extra/`. The graph is always float32: a run trained under a mixed-precision
-policy is rebuilt under float32 for export (its variables are float32 either way), so neither
-the exporting nor the loading process's global policy matters.
+and `keras_glas_export.json` (model kind, inference `image_size` (0 = native), post-processing
+options, versions) are stored in the SavedModel's `assets.extra/`. The graph is always float32:
+a run trained under a mixed-precision policy is rebuilt under float32 for export (its variables
+are float32 either way), so neither the exporting nor the loading process's global policy
+matters.
 """
 
 import argparse
@@ -37,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_glas
+from keras_glas.augment import to_float
 from keras_glas.postprocess import PostprocessOptions, tf_postprocess_instances
 
 EXPORT_INFO_FILE = "keras_glas_export.json"
@@ -98,22 +113,71 @@ def decode_images(encoded):
                      fn_output_signature=tf.TensorSpec((None, None, 3), tf.uint8))
 
 
-def make_serving_function(model, postprocess=PostprocessOptions()):
+def training_scale_shape(height, width, image_size):
+    """(h, w) int32 scalars: H×W resized so that its longer side is `image_size`, aspect kept.
+
+    The same rounding as `keras_glas.augment.resize_with_pad` (the training pipeline).
+    """
+    shape = tf.cast(tf.stack([height, width]), tf.float32)
+    scale = image_size / tf.reduce_max(shape)
+    new_shape = tf.clip_by_value(tf.cast(tf.round(shape * scale), tf.int32), 1, image_size)
+    return new_shape[0], new_shape[1]
+
+
+def resize_to_training_scale(images, image_size):
+    """float32 (N, H, W, 3) in [0, 1] → float32 (N, h, w, 3), the longer side `image_size`.
+
+    Anti-aliased bilinear and clipped to [0, 1], as the pipeline's `resize_with_pad` (which
+    works on single images and pads to a square; the network needs neither).
+    """
+    shape = tf.shape(images)
+    new_shape = training_scale_shape(shape[1], shape[2], image_size)
+    resized = tf.image.resize(images, new_shape, method="bilinear", antialias=True)
+    return tf.clip_by_value(resized, 0.0, 1.0)
+
+
+def resize_maps(maps, height, width, method="bilinear"):
+    """Resize (N, h, w) maps to (N, height, width): `bilinear` (float32) or `nearest` (ids)."""
+    return tf.image.resize(maps[..., None], (height, width), method=method)[..., 0]
+
+
+def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0):
     """The graph behind both signatures: uint8 (N, H, W, 3) → dict of outputs (contract 11).
 
     Args:
         model: a U-Net (contract 4, dict output `mask` [+ `contour`]) or a Mask R-CNN
             (contract 8, with `infer`).
-        postprocess: `PostprocessOptions` applied in graph to U-Net probabilities (Mask R-CNN
-            builds its instance map itself). `split="watershed"` is NumPy-only: ValueError.
+        postprocess: `PostprocessOptions` applied in graph to U-Net probabilities at H×W (Mask
+            R-CNN builds its instance map itself). `split="watershed"` is NumPy-only: ValueError.
+        image_size: the training scale S: the network sees each image resized so that its
+            longer side is S (see the module docstring); 0 = native resolution.
     Returns:
         A plain Python function of a uint8 tensor; wrap it in `tf.function` to trace it.
     """
-    images_to_float = lambda images: tf.cast(images, tf.float32) / 255.0  # noqa: E731 (contract 2)
+    if image_size < 0:
+        raise ValueError(f"image_size must be a positive side in pixels or 0 (native "
+                         f"resolution), got {image_size}")
+
+    def network_input(images):
+        """uint8 (N, H, W, 3) → float32 at the network's scale (contract 2), H, W."""
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        inputs = to_float(images)
+        if image_size:
+            inputs = resize_to_training_scale(inputs, image_size)
+        return inputs, height, width
+
     if model_kind(model) == "maskrcnn":
         def serve_maskrcnn(images):
-            outputs = model.infer(images_to_float(images))
-            return {key: outputs[key] for key in ("instances", "probabilities", "boxes", "scores")}
+            inputs, height, width = network_input(images)
+            outputs = model.infer(inputs)
+            if not image_size:
+                return {key: outputs[key] for key in ("instances", "probabilities", "boxes", "scores")}
+            # Per-axis scale: rounding makes h / H and w / W differ slightly from S / max(H, W).
+            scale = tf.cast(tf.shape(inputs)[1:3], tf.float32) / tf.cast(tf.stack([height, width]), tf.float32)
+            return {"instances": resize_maps(outputs["instances"], height, width, "nearest"),
+                    "probabilities": resize_maps(outputs["probabilities"], height, width),
+                    "boxes": outputs["boxes"] / tf.tile(scale, [2]),
+                    "scores": outputs["scores"]}
         return serve_maskrcnn
 
     if postprocess.split == "watershed":
@@ -128,11 +192,16 @@ def make_serving_function(model, postprocess=PostprocessOptions()):
     multiple = unet_pad_multiple(model)
 
     def serve_unet(images):
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
-        outputs = model(pad_to_multiple(images_to_float(images), multiple), training=False)
-        crop = lambda output: tf.cast(output[:, :height, :width, 0], tf.float32)  # noqa: E731
-        served = {"probabilities": crop(outputs["mask"])}
-        contour = crop(outputs["contour"]) if has_contour else None
+        inputs, height, width = network_input(images)
+        scaled_height, scaled_width = tf.shape(inputs)[1], tf.shape(inputs)[2]
+        outputs = model(pad_to_multiple(inputs, multiple), training=False)
+
+        def to_native(output):
+            output = tf.cast(output[:, :scaled_height, :scaled_width, 0], tf.float32)
+            return resize_maps(output, height, width) if image_size else output
+
+        served = {"probabilities": to_native(outputs["mask"])}
+        contour = to_native(outputs["contour"]) if has_contour else None
         if has_contour:
             served["contour"] = contour
         served["instances"] = tf_postprocess_instances(served["probabilities"], contour, postprocess)
@@ -140,11 +209,13 @@ def make_serving_function(model, postprocess=PostprocessOptions()):
     return serve_unet
 
 
-def export_info(model, postprocess):
-    """The `keras_glas_export.json` record: model kind, post-processing options, versions."""
+def export_info(model, postprocess, image_size=0):
+    """The `keras_glas_export.json` record: model kind, inference image size (0 = native),
+    post-processing options, versions."""
     kind = model_kind(model)
     return {
         "model_kind": kind,
+        "image_size": image_size,
         "outputs": sorted(make_output_names(model)),
         "postprocess": dataclasses.asdict(postprocess) if kind == "unet" else None,
         "pad_multiple": unet_pad_multiple(model) if kind == "unet" else MASKRCNN_PAD_MULTIPLE,
@@ -162,7 +233,7 @@ def make_output_names(model):
 
 
 def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=None,
-                 overwrite=False):
+                 overwrite=False, image_size=0):
     """Write `model` as a SavedModel (contract 11) at `out_dir`, atomically.
 
     Args:
@@ -171,12 +242,15 @@ def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=N
         postprocess: in-graph post-processing options (U-Net).
         config_path: optional resolved `config.yaml` copied to `assets.extra/`.
         overwrite: replace an existing `out_dir`.
+        image_size: the training scale S the network runs at (longer side, see the module
+            docstring); 0 = native resolution.
     Returns:
         `Path` of the SavedModel directory.
     """
     out_dir = Path(out_dir)
     _check_destination(out_dir, overwrite)
-    serve = tf.function(make_serving_function(model, postprocess), input_signature=[IMAGE_SIGNATURE])
+    serve = tf.function(make_serving_function(model, postprocess, image_size),
+                        input_signature=[IMAGE_SIGNATURE])
     serve_bytes = tf.function(lambda images: serve(decode_images(images)),
                               input_signature=[BYTES_SIGNATURE])
     # The archive saves the variables the traced functions use. `archive.track(model)` is not
@@ -194,7 +268,7 @@ def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=N
         archive.write_out(str(staging / "saved_model"), verbose=False)
         extra = staging / "saved_model" / ASSETS_EXTRA_DIR
         extra.mkdir(exist_ok=True)
-        (extra / EXPORT_INFO_FILE).write_text(json.dumps(export_info(model, postprocess), indent=2))
+        (extra / EXPORT_INFO_FILE).write_text(json.dumps(export_info(model, postprocess, image_size), indent=2))
         if config_path is not None:
             shutil.copyfile(config_path, extra / CONFIG_FILE)
         _replace_directory(staging / "saved_model", out_dir, overwrite)
@@ -298,16 +372,24 @@ def load_run_model(run_dir, checkpoint="best"):
     return model, config
 
 
-def export_run(run_dir, out_dir, checkpoint="best", overwrite=False, postprocess_overrides=()):
-    """Export a training run (contract 10) as a SavedModel; see `export_model`."""
+def export_run(run_dir, out_dir, checkpoint="best", overwrite=False, postprocess_overrides=(),
+               image_size=None):
+    """Export a training run (contract 10) as a SavedModel; see `export_model`.
+
+    `image_size` None runs the network at the run's training scale `data.image_size`; an int
+    overrides it (0 = native resolution).
+    """
     _check_destination(Path(out_dir), overwrite)
     model, config = load_run_model(run_dir, checkpoint)
     options = postprocess_options(getattr(config, "postprocess", None), postprocess_overrides)
-    return export_model(model, out_dir, options, Path(run_dir) / CONFIG_FILE, overwrite)
+    if image_size is None:
+        image_size = config.data.image_size
+    return export_model(model, out_dir, options, Path(run_dir) / CONFIG_FILE, overwrite, image_size)
 
 
 def export_keras_file(path, out_dir, overwrite=False, postprocess_overrides=()):
-    """Export a whole-model `.keras` file (default post-processing options + overrides)."""
+    """Export a whole-model `.keras` file (default post-processing options + overrides) at
+    native resolution: a `.keras` file does not record its training scale."""
     import keras_glas.models  # noqa: F401  (registers the project's serialisable classes)
 
     model = keras.models.load_model(path, compile=False)
@@ -351,13 +433,17 @@ def main(argv=None):
     parser.add_argument("out_dir", metavar="OUT_DIR", help="SavedModel directory to write")
     parser.add_argument("--checkpoint", default="best",
                         help="best (default), last, or a path to a .weights.h5 file")
+    parser.add_argument("--image-size", type=int, default=None, metavar="S",
+                        help="run the network with the image's longer side resized to S, the "
+                             "training scale (default: the run's data.image_size); 0 = native "
+                             "resolution, for models trained on native-scale crops")
     parser.add_argument("--postprocess", nargs="*", default=(), metavar="KEY=VALUE",
                         help="override the run's post-processing options, e.g. min_size=50")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     args = parser.parse_args(argv)
     try:
         out_dir = export_run(args.run_dir, args.out_dir, args.checkpoint, args.overwrite,
-                             args.postprocess)
+                             args.postprocess, args.image_size)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(f"SavedModel written to {out_dir} (signatures: serving_default, serve_bytes)")
