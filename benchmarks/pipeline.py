@@ -6,7 +6,9 @@
 Both sides produce U-Net training batches (images and binary masks) from the train split at
 512×512, batch 6, with the seed's augmentation (flips and crop, p = 0.5 each); then again with the
 extra augmentations on (rotation/scale, elastic deformation, H&E stain jitter). The tf.data side
-is `keras_glas.data.make_dataset(..., cache=True)` (decode cached, one warm-up epoch untimed).
+is `keras_glas.data.make_dataset(..., cache=True)` (decoded examples cached after their one-off
+anti-aliased shrink to 1.25·S, one warm-up epoch untimed; each timed epoch opens a new iterator,
+as `Model.fit` does).
 The seed-style side keeps only file paths and, per sample, reads the image and mask with
 scikit-image, flips and crops in NumPy and resizes with `skimage.transform.resize(...,
 anti_aliasing=True)`; its files are exported from the split as PNG beforehand (not timed).
@@ -41,16 +43,29 @@ def _rss_mb():
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _cpu_seconds():
+    """User + system CPU time of this process (all its threads), in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timed_epochs(run_epoch, epochs):
-    """Runs `run_epoch() -> images` `epochs` times; returns images/s and RSS after each epoch."""
-    images, seconds, rss = 0, 0.0, []
+    """Runs `run_epoch() -> images` `epochs` times; returns images/s and RSS after each epoch.
+
+    Also CPU milliseconds per image: on a shared machine wall-clock throughput depends on the
+    other processes' load, CPU time much less (2000 / cpu_ms_per_image bounds images/s on two
+    idle cores).
+    """
+    images, seconds, cpu_seconds, rss = 0, 0.0, 0.0, []
     for _ in range(epochs):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         images += run_epoch()
         seconds += time.perf_counter() - start
+        cpu_seconds += _cpu_seconds() - cpu_start
         rss.append(round(_rss_mb(), 1))
     return {
         "images_per_s": images / seconds,
+        "cpu_ms_per_image": 1000.0 * cpu_seconds / images,
         "rss_mb_per_epoch": rss,
         "peak_rss_mb": _peak_rss_mb(),
     }
@@ -269,10 +284,12 @@ def main(argv=None):
             for side, function in (("tfdata", measure_tfdata), ("generator", measure_generator)):
                 measured = run_isolated(function, config, extra)
                 results[f"{side}{suffix}_images_per_s"] = round(measured["images_per_s"], 2)
+                results[f"{side}{suffix}_cpu_ms_per_image"] = round(measured["cpu_ms_per_image"], 2)
                 results[f"{side}{suffix}_peak_rss_mb"] = round(measured["peak_rss_mb"], 1)
                 results[f"{side}{suffix}_rss_mb_per_epoch"] = measured["rss_mb_per_epoch"]
                 print(
                     f"{label:60s} {side:9s} {measured['images_per_s']:8.1f} images/s  "
+                    f"{measured['cpu_ms_per_image']:6.2f} CPU ms/image  "
                     f"peak RSS {measured['peak_rss_mb']:7.1f} MB  "
                     f"RSS per epoch {measured['rss_mb_per_epoch']}"
                 )

@@ -9,7 +9,12 @@ large the dataset is (unless `cache=True` is asked for) and the accelerator is k
 
 import tensorflow as tf
 
-from keras_glas.augment import AugmentOptions, augment_and_resize
+from keras_glas.augment import (
+    AugmentOptions,
+    augment_and_resize,
+    cached_side,
+    shrink_to_fit,
+)
 
 MODELS = ("unet", "maskrcnn", "eval")
 # Examples held by the shuffle buffer. GlaS has 85 training images, so it shuffles the whole split;
@@ -57,6 +62,9 @@ def make_dataset(
         data_dir: TFDS data directory.
         cache: `True` caches the decoded examples in memory (before augmentation, so every epoch
             is still augmented afresh); a string caches them to files with that path prefix.
+            Except for eval, examples are cached already shrunk (anti-aliased) to a longer side
+            of `augment.cached_side(image_size, options)` (1.25·S with crops, S without), so
+            that an epoch only crops, flips and resizes by a small factor: use a cache for speed.
         contour: unet only: add the gland-boundary target `"contour"`.
         border_weights: unet only: also yield the original U-Net border weight map as
             `sample_weight`.
@@ -106,14 +114,21 @@ def make_dataset(
             "make_dataset: contour and border_weights are targets of model='unet' only"
         )
     options = AugmentOptions.resolve(augment)
-
-    examples = load_examples(source, split, data_dir)
-    if cache:
-        examples = examples.cache(cache if isinstance(cache, str) else "")
     if model == "eval":
         options, shuffle = AugmentOptions.resolve(False), False
     if shuffle is None:
         shuffle = options.any
+
+    examples = load_examples(source, split, data_dir)
+    if model != "eval":
+        # The anti-aliased shrink of full-resolution images is the costliest step; done here,
+        # before the cache, it runs once instead of every epoch (see augment.CACHE_OVERSAMPLE).
+        examples = examples.map(
+            _shrink_example_fn(cached_side(image_size, options)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    if cache:
+        examples = examples.cache(cache if isinstance(cache, str) else "")
     if shuffle:
         examples = examples.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
 
@@ -135,7 +150,9 @@ def make_dataset(
         )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     dataset_options = tf.data.Options()
-    dataset_options.deterministic = True
+    # Without a seed a shuffled order is arbitrary anyway: let parallel maps hand out elements
+    # as soon as they are ready. Otherwise (a seed, or an unshuffled order) keep the order.
+    dataset_options.deterministic = seed is not None or not shuffle
     dataset_options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
@@ -280,6 +297,16 @@ def _checked_example(example):
         ]
     ):
         return {"image": tf.identity(image), "instances": tf.identity(instances), "name": name}
+
+
+def _shrink_example_fn(side):
+    """Returns the `map` function that applies `shrink_to_fit(..., side)` to an example."""
+
+    def shrink(example):
+        image, instances = shrink_to_fit(example["image"], example["instances"], side)
+        return {"image": image, "instances": instances, "name": example["name"]}
+
+    return shrink
 
 
 def _training_example_fn(model, image_size, options, contour, border_weights, max_instances):

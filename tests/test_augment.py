@@ -201,3 +201,49 @@ def test_sampler_interpolates_image_takes_nearest_label_and_zeros_outside():
     for dr, dc in ((100.0, 0.0), (-100.0, 0.0), (0.0, 50.0), (0.0, -50.0)):
         outside_image, outside_labels = sample(dr, dc)
         assert outside_image.max() == 0 and outside_labels.max() == 0
+
+
+def smooth_example(height=150, width=220):
+    """A smooth uint8 colour image and a label map of three discs with sparse ids."""
+    yy, xx = np.mgrid[:height, :width].astype(float)
+    image = np.stack(
+        [127 + 100 * np.sin(xx / 9), 127 + 100 * np.cos(yy / 11), 255 * xx / width], axis=-1
+    )
+    labels = np.zeros((height, width), np.int32)
+    for label, (y, x) in ((3, (40, 50)), (8, (100, 120)), (12, (60, 180))):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 < 20**2] = label
+    return np.round(image).astype(np.uint8), labels
+
+
+def test_shrink_to_fit_downscales_large_examples_only():
+    image, labels = smooth_example()
+    small_image, small_labels = augment.shrink_to_fit(tf.constant(image), tf.constant(labels), 80)
+    assert small_image.dtype == tf.uint8 and small_labels.dtype == tf.int32
+    assert small_labels.shape[1] == 80 and abs(small_labels.shape[0] - 150 * 80 / 220) <= 0.5
+    assert small_image.shape[:2] == small_labels.shape
+    assert set(np.unique(small_labels.numpy())) == {0, 3, 8, 12}
+    same_image, same_labels = augment.shrink_to_fit(tf.constant(image), tf.constant(labels), 220)
+    np.testing.assert_array_equal(same_image.numpy(), image)
+    np.testing.assert_array_equal(same_labels.numpy(), labels)
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_shrink_then_resize_matches_the_direct_anti_aliased_resize(crop):
+    # crop=True: cached at 1.25·S, then plain bilinear down to S; crop=False: cached at S.
+    image, labels = smooth_example()
+    options = AugmentOptions(flip=False, crop=crop, crop_probability=0.0)
+    assert augment.cached_side(64, options) == (80 if crop else 64)
+    cached = augment.shrink_to_fit(
+        tf.constant(image), tf.constant(labels), augment.cached_side(64, options)
+    )
+    out_image, out_labels = augment.augment_and_resize(*cached, 64, options, tf.constant([0, 0]))
+    direct_image, direct_labels = augment.resize_with_pad(
+        tf.constant(image), tf.constant(labels), 64
+    )
+    difference = np.abs(out_image.numpy() - direct_image.numpy())
+    agreement = np.mean(out_labels.numpy() == direct_labels.numpy())
+    if crop:
+        assert difference.mean() < 0.01 and agreement > 0.97
+    else:  # the per-epoch resize is the identity: only the uint8 rounding of the cache remains
+        assert difference.max() <= 0.5 / 255 + 1e-6
+        np.testing.assert_array_equal(out_labels.numpy(), direct_labels.numpy())

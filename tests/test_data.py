@@ -199,6 +199,14 @@ def test_shuffle_drop_remainder_defaults():
     assert plain == [[0, 1, 2], [3, 4, 5], [6]]  # no augmentation: in order, nothing dropped
 
 
+def test_order_is_deterministic_unless_shuffling_without_a_seed():
+    def deterministic(**kwargs):
+        return make_dataset(in_memory(), image_size=16, **kwargs).options().deterministic
+
+    assert deterministic(seed=3) and deterministic(augment=False)
+    assert not deterministic()  # shuffled with no seed: parallel maps may reorder
+
+
 def test_cache_gives_the_same_batches():
     plain = collect(make_dataset(in_memory(), batch_size=4, image_size=24, seed=2))
     cached = make_dataset(in_memory(), batch_size=4, image_size=24, seed=2, cache=True)
