@@ -23,6 +23,17 @@ SHARED_GLAS_DIR = Path(
 
 
 @pytest.fixture(scope="session")
+def two_cpu_strategy():
+    """One `MirroredStrategy` over the two logical CPUs, shared by every test that needs one.
+
+    Separate MirroredStrategy objects in one process each number their collective ops from the
+    same start, so a second strategy's all-reduce can meet a first one's leftover instance and
+    fail with a shape mismatch; one shared strategy keeps the numbering unique.
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
 def shared_glas_dir():
     """`../shared/data/glas` (real GlaS images, grades, binary masks); skips where absent."""
     if not (SHARED_GLAS_DIR / "train_1.bmp").is_file():

@@ -214,8 +214,8 @@ def test_cache_gives_the_same_batches():
         np.testing.assert_array_equal(a, b)
 
 
-def test_mirrored_strategy_sees_every_example_exactly_once():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_mirrored_strategy_sees_every_example_exactly_once(two_cpu_strategy):
+    strategy = two_cpu_strategy
     dataset = make_dataset(in_memory(count=8), batch_size=4, image_size=16, seed=4)
     assert (
         dataset.options().experimental_distribute.auto_shard_policy

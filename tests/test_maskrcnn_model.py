@@ -115,8 +115,8 @@ def test_losses_on_images_without_objects(model):
     assert float(recall) == 0.0
 
 
-def test_fit_under_mirrored_strategy_logs_every_loss():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_fit_under_mirrored_strategy_logs_every_loss(two_cpu_strategy):
+    strategy = two_cpu_strategy
     with strategy.scope():
         model = build_maskrcnn("resnet_tiny", **TINY)
         model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))

@@ -164,8 +164,8 @@ def test_mixed_float16_wraps_the_optimizer_in_loss_scaling():
     assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
 
 
-def test_mirrored_strategy_runs_both_stages(tmp_path, synthetic_data_dir):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_mirrored_strategy_runs_both_stages(tmp_path, synthetic_data_dir, two_cpu_strategy):
+    strategy = two_cpu_strategy
     config = tiny_config(synthetic_data_dir, "train.finetune.epochs=1",
                          "train.finetune.learning_rate=1e-4")
     main_stage, finetune = train(config, tmp_path / "run", strategy=strategy, verbose=0)
