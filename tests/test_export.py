@@ -153,9 +153,9 @@ def exported(tmp_path_factory):
     return model, out_dir
 
 
-def test_fresh_process_without_keras_glas_matches_keras(exported, tmp_path):
-    model, saved_model_dir = exported
-    image = blob_image(437, 613)
+def serve_in_fresh_process(saved_model_dir, image, tmp_path):
+    """Runs FRESH_PROCESS_SCRIPT on `image` (as an array and as PNG bytes) in `python -I`,
+    where keras_glas cannot be imported; returns its outputs (`np.load` of the .npz)."""
     np.save(tmp_path / "image.npy", image)
     (tmp_path / "image.png").write_bytes(png_bytes(image))
     (tmp_path / "serve.py").write_text(FRESH_PROCESS_SCRIPT)
@@ -164,7 +164,13 @@ def test_fresh_process_without_keras_glas_matches_keras(exported, tmp_path):
          str(tmp_path / "image.npy"), str(tmp_path / "image.png"), str(tmp_path / "out.npz")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    served = np.load(tmp_path / "out.npz")
+    return np.load(tmp_path / "out.npz")
+
+
+def test_fresh_process_without_keras_glas_matches_keras(exported, tmp_path):
+    model, saved_model_dir = exported
+    image = blob_image(437, 613)
+    served = serve_in_fresh_process(saved_model_dir, image, tmp_path)
 
     probability, contour, instances = keras_reference(model, image, OPTIONS, IMAGE_SIZE)
     assert instances.max() >= 3  # the comparison is about real objects, not an empty map
@@ -318,15 +324,7 @@ def test_maskrcnn_round_trip_in_fresh_process_boxes_in_original_pixels(tmp_path)
     saved_model_dir = export.export_model(model, tmp_path / "maskrcnn", image_size=64)
     assert export.read_export_info(saved_model_dir)["model_kind"] == "maskrcnn"
     image = blob_image(77, 101)  # runs at 49×64
-    np.save(tmp_path / "image.npy", image)
-    (tmp_path / "image.png").write_bytes(png_bytes(image))
-    (tmp_path / "serve.py").write_text(FRESH_PROCESS_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "serve.py"), str(saved_model_dir),
-         str(tmp_path / "image.npy"), str(tmp_path / "image.png"), str(tmp_path / "out.npz")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = np.load(tmp_path / "out.npz")
+    served = serve_in_fresh_process(saved_model_dir, image, tmp_path)
 
     scaled = training_scale(77, 101, 64)
     inputs = tf.image.resize(tf.constant(image[None], tf.float32) / 255.0, scaled, "bilinear", antialias=True)
