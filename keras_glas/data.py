@@ -221,8 +221,8 @@ def _from_tfds(name, split, data_dir):
     if not builder.is_prepared():
         raise ValueError(
             f"make_dataset: TFDS dataset {name!r} is not prepared in data_dir "
-            f"{str(builder.data_dir_root)!r}; build it first, e.g. `tfds build tfds_glas/glas "
-            f"--config {builder.builder_config.name} "
+            f"{str(builder.data_dir_root)!r}; build it first, e.g. `tfds build "
+            f"glas/{builder.builder_config.name} --imports tfds_glas "
             f"--data_dir {builder.data_dir_root}` (or pass the right data_dir)"
         )
     try:
