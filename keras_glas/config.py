@@ -151,7 +151,10 @@ class TrainConfig:
     `monitor` defaults to `val_loss` (U-Net) or `val_mask_loss` (Mask R-CNN), or `loss` when
     there is no validation split. `early_stopping_patience: null` disables early stopping.
     `precision: auto` is mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bf16
-    instructions and float32 elsewhere.
+    instructions and float32 elsewhere. `glas_metrics_every: N` scores the validation images
+    with the GlaS metrics every N epochs (`keras_glas.callbacks.GlasMetricsCallback`: logged as
+    `val_glas_f1`, `val_glas_object_dice`, `val_glas_object_hausdorff`, usable as `monitor`);
+    `null` switches it off.
     """
 
     epochs: int = 900
@@ -166,12 +169,15 @@ class TrainConfig:
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     seed: int = 0
     monitor: str | None = None
+    glas_metrics_every: int | None = 1
     finetune: FinetuneConfig | None = None
 
     def __post_init__(self):
         _check_positive(epochs=self.epochs, learning_rate=self.learning_rate)
         if self.steps_per_epoch is not None:
             _check_positive(steps_per_epoch=self.steps_per_epoch)
+        if self.glas_metrics_every is not None:
+            _check_positive(glas_metrics_every=self.glas_metrics_every)
         if self.early_stopping_patience is not None:
             _check_positive(early_stopping_patience=self.early_stopping_patience)
         _check_non_negative(momentum=self.momentum, weight_decay=self.weight_decay)

@@ -53,7 +53,8 @@ class ScoredImage:
     image: np.ndarray | None = None  # uint8 (H, W, 3)
 
 
-def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, keep_images=False):
+def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, keep_images=False,
+                  progress=True):
     """Run `predictor` over a test split.
 
     Args:
@@ -65,6 +66,7 @@ def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, ke
         postprocess: None to use the `instances` output; a `PostprocessOptions` to rebuild
             instances from `probabilities` (+ `contour`) with NumPy `postprocess_instances`.
         keep_images: keep each input image (for figures).
+        progress: show a progress bar.
     Returns:
         list of `ScoredImage`, in dataset order.
     """
@@ -74,7 +76,7 @@ def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, ke
     total = int(examples.cardinality())
     scored = []
     for example in tqdm(examples.as_numpy_iterator(), desc=split, unit="image",
-                        total=total if total > 0 else None):
+                        total=total if total > 0 else None, disable=not progress):
         image = example["image"][0]
         outputs = predictor(image)
         if postprocess is None:

@@ -28,6 +28,7 @@ import tensorflow as tf
 import yaml
 
 import keras_glas
+from keras_glas.callbacks import GlasMetricsCallback, is_glas_log_name
 from keras_glas.config import (
     MODEL_NAMES,
     Config,
@@ -136,6 +137,11 @@ def resolve_config(config: Config) -> Config:
     if monitor.startswith("val_") and config.data.validation_fraction == 0:
         raise ConfigError(
             f"train.monitor={monitor} needs validation data but data.validation_fraction is 0"
+        )
+    if is_glas_log_name(monitor) and train.glas_metrics_every is None:
+        raise ConfigError(
+            f"train.monitor={monitor} is logged by the GlaS validation metrics, which "
+            f"train.glas_metrics_every=null switches off; set it to a number of epochs"
         )
     return dataclasses.replace(
         config,
@@ -309,6 +315,8 @@ class WeightsCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.monitor is not None:
             value = (logs or {}).get(self.monitor)
+            if value is None and is_glas_log_name(self.monitor):
+                return  # the GlaS metrics are scored every few epochs only
             if value is None:
                 raise ConfigError(
                     f"train.monitor={self.monitor} is not among the logged values "
@@ -324,7 +332,7 @@ class WeightsCheckpoint(keras.callbacks.Callback):
 
 
 def _monitor_mode(monitor: str) -> str:
-    return "min" if "loss" in monitor else "max"
+    return "min" if "loss" in monitor or "hausdorff" in monitor else "max"
 
 
 def best_logged_value(history_path: Path, monitor: str) -> float | None:
@@ -333,7 +341,9 @@ def best_logged_value(history_path: Path, monitor: str) -> float | None:
     if not history_path.is_file():
         return None
     with history_path.open(newline="") as handle:
-        values = [float(row[monitor]) for row in csv.DictReader(handle) if row.get(monitor)]
+        # CSVLogger writes "NA" for epochs without a value (GlaS metrics are not every epoch).
+        texts = [row.get(monitor) or "NA" for row in csv.DictReader(handle)]
+    values = [float(text) for text in texts if text != "NA"]
     values = [value for value in values if math.isfinite(value)]
     if not values:
         return None
@@ -341,8 +351,9 @@ def best_logged_value(history_path: Path, monitor: str) -> float | None:
 
 
 def make_callbacks(run_dir: Path, config: Config, stage: Stage) -> list:
-    """Backup (first, so every history row has its backup), checkpoints, early stopping,
-    LR schedule, TensorBoard and the CSV history."""
+    """Backup (first, so every history row has its backup), the GlaS validation metrics
+    (before everything that reads the logs), checkpoints, early stopping, LR schedule,
+    TensorBoard and the CSV history."""
     train = config.train
     monitor, mode = train.monitor, _monitor_mode(train.monitor)
     history = run_dir / "history.csv"
@@ -351,6 +362,13 @@ def make_callbacks(run_dir: Path, config: Config, stage: Stage) -> list:
         # trains zero more, instead of starting over.
         keras.callbacks.BackupAndRestore(str(run_dir / "backup" / stage.name),
                                          delete_checkpoint=False),
+    ]
+    if train.glas_metrics_every is not None and config.data.validation_fraction > 0:
+        callbacks.append(GlasMetricsCallback(
+            config.data.dataset, f"train[:{config.data.validation_percent}%]",
+            config.data.data_dir, config.data.image_size, config.postprocess,
+            every=train.glas_metrics_every))
+    callbacks += [
         WeightsCheckpoint(run_dir / "checkpoints" / "best.weights.h5", monitor, mode,
                           best=best_logged_value(history, monitor)),
         WeightsCheckpoint(run_dir / "checkpoints" / "last.weights.h5"),

@@ -1,5 +1,7 @@
 """Mask R-CNN model: dtypes under mixed precision, graph inference, fit (distributed), config,
 backbone weights. Tiny backbone and 64 px images keep it to CPU-friendly sizes."""
+import socket
+
 import h5py
 import keras
 import numpy as np
@@ -165,6 +167,18 @@ def test_bad_arguments_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.weights.h5"):
         build_maskrcnn("resnet_tiny", backbone_weights=str(tmp_path / "missing.weights.h5"))
     assert set(DEFAULT_OPTIONS) >= set(TINY)
+
+
+def test_a_preset_name_offline_fails_with_the_local_file_alternatives(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable (blocked by the test)")
+
+    # Offline whatever the machine: no socket connects, and no earlier download is cached.
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    with pytest.raises(RuntimeError, match=r"resnet50_imagenet.*fail offline.*local \.weights\.h5"):
+        load_backbone_weights(build_resnet("resnet_tiny"), "resnet50_imagenet")
 
 
 def test_backbone_weights_from_a_keras_weights_file(tmp_path):

@@ -207,5 +207,7 @@ def test_maskrcnn_trains_through_the_same_cli(tmp_path, synthetic_data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = history_rows(run_dir)
     assert math.isfinite(float(row["val_mask_loss"]))
+    # The GlaS metrics of the validation images, from the model's own in-graph inference.
+    assert 0.0 <= float(row["val_glas_object_dice"]) <= 1.0
     assert (run_dir / "checkpoints" / "best.weights.h5").is_file()
     assert load_config(run_dir / "config.yaml").train.monitor == "val_mask_loss"
