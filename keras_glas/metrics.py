@@ -34,16 +34,18 @@ into 8-connected components (`skimage.measure.label`'s default full connectivity
 touching instances merge; it scores one image at a time and the seed averaged the per-image
 numbers over a split. See `seed_compatible_image_scores` for its exact definitions.
 
-Speed: everything per image comes from one contingency table (`np.bincount` over paired ids),
-never from full-image masks per object. A pair's Hausdorff distance is exact and costs at most
-O(area of the box bounding both objects): one Euclidean distance transform of that crop
-(`scipy.ndimage.find_objects` boxes), or boundary k-d trees when cheaper (a speck against a
-large object, far-apart objects). A partner search for an object without overlap visits
-candidates by increasing bounding-box lower bound and stops when the bound exceeds the best
-distance. Worst cases: an object covering the whole image costs one full-image transform per
-partner (15 partners on a 522 x 775 image: ~0.2 s); N unmatched specks against M objects cost
-at most N * M k-d evaluations of O((speck + boundary of the object) log) each, in practice 1-3
-candidates per speck.
+Speed: everything per image comes from one contingency table (`np.bincount` over paired ids)
+and one `scipy.ndimage.find_objects` pass over the same paired ids (the box of every
+prediction x ground-truth cell; an object's box is the union of its cells'), never from
+full-image masks per object. A pair's Hausdorff distance is exact and costs at most about
+one Euclidean distance transform of the box bounding both objects, usually much less: k-d
+trees of boundary pixels, and per-object distance maps computed once and reused (see
+"Hausdorff distance of two objects" below). A partner search for an object without overlap
+visits candidates by increasing bounding-box lower bound and stops when the bound exceeds
+the best distance. Worst cases (522 x 775, 15 glands, one core of a loaded machine): an
+object covering the whole image ~0.02 s; pure noise as one object ~0.3 s; N unmatched specks
+against M objects at most N * M k-d evaluations of O((speck + boundary of the object) log)
+each, in practice 1-3 candidates per speck (3384 specks: ~0.8 s).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import concurrent.futures
 import dataclasses
 import math
 import multiprocessing
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -63,6 +65,9 @@ EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 # Overlap tables up to this many cells are counted on raw ids; larger ids are compacted first.
 _MAX_TABLE_SIZE = 1 << 22
+# Up to this many cells, object boxes come from one `find_objects` over the paired ids (it
+# returns a list with one entry per cell); beyond, from one `find_objects` per map.
+_MAX_CELL_BOXES = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,31 +136,80 @@ def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
     return compact, int(ids.size - has_background)
 
 
-def _overlap_table(pred: np.ndarray, gt: np.ndarray):
-    """Overlap counts of every predicted object with every ground-truth object.
+class _Overlap(NamedTuple):
+    """Overlap table of one image and the objects of both maps (see `_overlap_table`)."""
+
+    table: np.ndarray
+    pred: np.ndarray
+    pred_ids: np.ndarray
+    pred_boxes: list
+    gt: np.ndarray
+    gt_ids: np.ndarray
+    gt_boxes: list
+
+
+def _overlap_table(pred: np.ndarray, gt: np.ndarray) -> _Overlap:
+    """Overlap counts of every predicted object with every ground-truth object, and boxes.
 
     One `np.bincount` over paired ids, on the raw ids when the table is small enough (no
-    relabelling pass over the image), else after `compact_labels`.
+    relabelling pass over the image), else after `compact_labels`. When the table has at most
+    `_MAX_CELL_BOXES` cells, one `find_objects` over the paired ids gives the box of every
+    (prediction, ground truth) cell, and an object's box is the union of its cells' boxes:
+    one pass over the image instead of one per map.
 
     Args:
         pred, gt: integer label maps (H, W).
 
     Returns:
-        `(table, pred, pred_ids, gt, gt_ids)`: `table` int64 (K + 1, M + 1), row/column 0 =
-        background, rows/columns 1.. = the K predicted / M ground-truth objects by increasing
-        id; `pred`, `gt` the maps (compacted if needed) in which the objects have the ids
-        `pred_ids` int (K,) and `gt_ids` int (M,).
+        `_Overlap`: `table` int64 (K + 1, M + 1), row/column 0 = background, rows/columns 1..
+        = the K predicted / M ground-truth objects by increasing id; `pred`, `gt` the maps
+        (compacted if needed) in which the objects have the ids `pred_ids` int (K,) and
+        `gt_ids` int (M,); `pred_boxes`, `gt_boxes` their `find_objects` slices.
     """
     max_pred, max_gt = int(pred.max()), int(gt.max())
     if (max_pred + 1) * (max_gt + 1) > _MAX_TABLE_SIZE:
         (pred, max_pred), (gt, max_gt) = compact_labels(pred), compact_labels(gt)
-    paired = np.multiply(pred.ravel(), max_gt + 1, dtype=np.intp)
-    np.add(paired, gt.ravel(), out=paired, casting="unsafe")  # ids < 2**63: exact
-    table = np.bincount(paired, minlength=(max_pred + 1) * (max_gt + 1))
-    table = table.reshape(max_pred + 1, max_gt + 1)
+    # The paired ids are < _MAX_TABLE_SIZE < 2**31: int32 is exact and halves the memory traffic.
+    paired = np.multiply(pred, max_gt + 1, dtype=np.int32)
+    np.add(paired, gt, out=paired, casting="unsafe")
+    cells = np.bincount(paired.ravel(), minlength=(max_pred + 1) * (max_gt + 1))
+    table = cells.reshape(max_pred + 1, max_gt + 1)
     pred_ids = np.flatnonzero(table[1:].any(axis=1)) + 1
     gt_ids = np.flatnonzero(table[:, 1:].any(axis=0)) + 1
-    return table[np.ix_(np.r_[0, pred_ids], np.r_[0, gt_ids])], pred, pred_ids, gt, gt_ids
+    if cells.size <= _MAX_CELL_BOXES:
+        present = np.flatnonzero(cells[1:]) + 1
+        cell_boxes = ndimage.find_objects(paired, max_label=cells.size - 1)
+        edges = _box_edges([cell_boxes[cell - 1] for cell in present])
+        pred_of_cell, gt_of_cell = np.divmod(present, max_gt + 1)
+        pred_boxes = _union_boxes(edges, pred_of_cell, pred_ids)
+        gt_boxes = _union_boxes(edges, gt_of_cell, gt_ids)
+    else:
+        pred_boxes, gt_boxes = _object_boxes(pred, pred_ids), _object_boxes(gt, gt_ids)
+    table = table[np.ix_(np.r_[0, pred_ids], np.r_[0, gt_ids])]
+    return _Overlap(table, pred, pred_ids, pred_boxes, gt, gt_ids, gt_boxes)
+
+
+def _box_edges(boxes: list[tuple[slice, slice]]) -> np.ndarray:
+    """int64 (n, 4) (top, bottom, left, right) of `find_objects` boxes, bottom/right exclusive."""
+    edges = [(rows.start, rows.stop, cols.start, cols.stop) for rows, cols in boxes]
+    return np.array(edges, dtype=np.int64).reshape(-1, 4)
+
+
+def _union_boxes(edges: np.ndarray, owners: np.ndarray, ids: np.ndarray) -> list:
+    """Boxes of the objects `ids` (sorted) as unions of the boxes `edges` (n, 4) they own.
+
+    `owners` int (n,) gives each box's object id, 0 for boxes owned by no object (skipped).
+    """
+    owned = owners > 0
+    position = np.searchsorted(ids, owners[owned])
+    low = np.full((len(ids), 2), np.iinfo(np.int64).max)
+    high = np.zeros((len(ids), 2), dtype=np.int64)
+    np.minimum.at(low, position, edges[owned][:, [0, 2]])
+    np.maximum.at(high, position, edges[owned][:, [1, 3]])
+    return [
+        (slice(top, bottom), slice(left, right))
+        for (top, left), (bottom, right) in zip(low.tolist(), high.tolist())
+    ]
 
 
 def _object_boxes(labels: np.ndarray, ids: np.ndarray) -> list[tuple[slice, slice]]:
@@ -187,24 +241,25 @@ def image_diagonal(shape: Sequence[int]) -> float:
 # --------------------------------------------------------------------------------------------
 # Hausdorff distance of two objects
 # --------------------------------------------------------------------------------------------
-# Two exact ways to get a directed Hausdorff distance h(A -> B) = max_{a in A} d(a, B); every
-# distance either way is sqrt of an exact integer sum of squares, so both agree bit for bit:
-# - distance transform: one EDT of the window that holds A and B, O(window area) whatever the
-#   shapes (SciPy's directed_hausdorff, used before, degrades to O(|A| |B|) on an object that
-#   covers the whole image);
-# - boundary k-d tree: only a few pixels of A can be the farthest and only B's boundary pixels
-#   can be the nearest (see `_directed_by_boundary`), O((|boundary A| + |A in box(B)|) log),
-#   far cheaper for a speck against a large object or two far-apart objects.
-# `_pair_hausdorff` picks the cheaper per direction: a pair never costs more than O(window area).
+# h(A -> B) = max_{a in A} d(a, B) is split at the window of B's distance map (B's bounding
+# box, or wider, see below):
+# - pixels of A outside the window: only A's boundary pixels there can be the farthest (the
+#   step away from the window leaves every B pixel farther), and only B's boundary pixels can
+#   be the nearest, so a k-d tree of B's boundary answers them in O(|boundary A| log);
+# - pixels of A inside the window: read from B's distance map, one Euclidean distance
+#   transform computed once per object and reused by every object it is compared with (a
+#   merged prediction and the glands inside it, nearest-partner searches), or, when A has few
+#   pixels there and B has no map yet, queried in the k-d tree too;
+# - when A has more boundary pixels outside the window than a transform of the window bounding
+#   both would cost (a noisy or whole-image object), B's map is widened to that window.
+# Every route gives sqrt of an exact integer sum of squares, so they agree bit for bit (and
+# with a k-d tree over all pixels). A direction thus costs at most about one transform of the
+# window bounding both objects, usually O(|boundary| log). An object covering the whole image
+# costs one k-d query per pixel of its image border per partner.
 
-# A k-d tree query costs about this many distance-transform pixels (measured on SciPy 1.17).
-_KD_QUERY_COST = 30
-
-
-def _union_window(first: tuple[slice, slice], second: tuple[slice, slice]) -> tuple[slice, ...]:
-    return tuple(
-        slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(first, second)
-    )
+# A k-d tree query costs about this many distance-transform pixels (SciPy 1.17; on the
+# benchmark's 60 pairs 6-10 are equally fast, 30 is 7 % slower).
+_KD_QUERY_COST = 8
 
 
 def _intersection_window(first, second) -> tuple[slice, ...] | None:
@@ -216,16 +271,18 @@ def _intersection_window(first, second) -> tuple[slice, ...] | None:
 
 
 def _box_area(box) -> int:
-    return 0 if box is None else (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
+    return (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
 
 
 def _inner_boundary(mask: np.ndarray) -> np.ndarray:
     """Pixels of `mask` (bool (h, w)) with a 4-neighbour not in `mask`, outside counting as not."""
-    interior = np.pad(mask, 1)
-    interior = (
-        interior[1:-1, 1:-1] & interior[:-2, 1:-1] & interior[2:, 1:-1]
-        & interior[1:-1, :-2] & interior[1:-1, 2:]
-    )
+    interior = mask.copy()
+    interior[1:] &= mask[:-1]
+    interior[:-1] &= mask[1:]
+    interior[:, 1:] &= mask[:, :-1]
+    interior[:, :-1] &= mask[:, 1:]
+    interior[[0, -1]] = False  # pixels on the window's edge have a neighbour outside it
+    interior[:, [0, -1]] = False
     return mask & ~interior
 
 
@@ -257,7 +314,7 @@ def mask_hausdorff(first: np.ndarray, second: np.ndarray) -> float:
 
 
 class _ObjectGeometry:
-    """Objects of one label map, with their boundary pixels and k-d trees computed on demand.
+    """Objects of one label map, with boundaries, k-d trees and distance maps made on demand.
 
     Args:
         labels: integer label map (H, W).
@@ -268,21 +325,18 @@ class _ObjectGeometry:
         self.labels, self.ids, self.boxes = labels, ids, boxes
         self._boundaries: dict[int, np.ndarray] = {}
         self._trees: dict[int, cKDTree] = {}
+        self._distance_maps: dict[int, tuple[tuple[slice, slice], np.ndarray]] = {}  # window, map
 
     def mask(self, index: int, window) -> np.ndarray:
         """bool (h, w): the pixels of object `index` in `window`."""
         return self.labels[window] == self.ids[index]
 
-    def points(self, index: int, window) -> np.ndarray:
-        """int (n, 2) image (row, col) of the pixels of object `index` in `window`."""
-        return np.argwhere(self.mask(index, window)) + (window[0].start, window[1].start)
-
     def boundary(self, index: int) -> np.ndarray:
         """int (n, 2) image (row, col) of the object's pixels that have a 4-neighbour off it."""
         if index not in self._boundaries:
             box = self.boxes[index]
-            rows_cols = np.argwhere(_inner_boundary(self.mask(index, box)))
-            self._boundaries[index] = rows_cols + (box[0].start, box[1].start)
+            boundary = _inner_boundary(self.mask(index, box))
+            self._boundaries[index] = _pixel_coordinates(boundary, box)
         return self._boundaries[index]
 
     def tree(self, index: int) -> cKDTree:
@@ -291,59 +345,117 @@ class _ObjectGeometry:
             self._trees[index] = cKDTree(self.boundary(index).astype(np.float64))
         return self._trees[index]
 
+    def map_window(self, index: int) -> tuple[slice, slice]:
+        """Window of the object's distance map: its box, or wider once a partner needed it."""
+        cached = self._distance_maps.get(index)
+        return self.boxes[index] if cached is None else cached[0]
 
-def _directed_by_boundary(source: _ObjectGeometry, s: int, target: _ObjectGeometry, t: int):
-    """h(source object s -> target object t) from boundary pixels and a k-d tree; exact.
+    def has_distance_map(self, index: int) -> bool:
+        """Whether the object's distance map is computed (reading it is then free)."""
+        return index in self._distance_maps
 
-    Nearest side: for a pixel p off the target, its nearest target pixel q has its 4-neighbour
-    towards p off the target (that neighbour is nearer to p), so q is a boundary pixel.
-    Farthest side: a source pixel outside the target's box has a 4-neighbour (the step away
-    from the box) that is farther from *every* target pixel; if that neighbour were a source
-    pixel too it would be farther, so the farthest source pixel is a boundary pixel or lies in
-    the target's box. Cost O((|boundary s| + |s in box(t)|) log |boundary t|).
+    def distances(self, index: int, region, window) -> np.ndarray:
+        """float64 (h, w): each pixel's distance to object `index` over `region`.
+
+        Read from the object's distance map (one Euclidean distance transform), computed over
+        `window` unless the cached one already covers it. Exact for every pixel of the map's
+        window, since the window contains the whole object.
+
+        Args:
+            region: slices within `window`; window: slices containing the object's box.
+        """
+        cached = self._distance_maps.get(index)
+        if cached is None or not _box_contains(cached[0], window):
+            cached = window, ndimage.distance_transform_edt(self.labels[window] != self.ids[index])
+            self._distance_maps[index] = cached
+        map_window, distance_map = cached
+        return distance_map[_relative(region, map_window)]
+
+
+def _pixel_coordinates(mask: np.ndarray, window) -> np.ndarray:
+    """int (n, 2) image (row, col) of the pixels of `mask` (bool (h, w) over `window`).
+
+    Same as `np.argwhere` plus the window's corner; stacking `nonzero` is ~1.6x faster.
     """
-    points = source.boundary(s)
-    inside = _intersection_window(source.boxes[s], target.boxes[t])
+    rows, cols = np.nonzero(mask)
+    return np.stack([rows + window[0].start, cols + window[1].start], axis=-1)
+
+
+def _relative(region, window) -> tuple[slice, slice]:
+    """The slices of `region` in the coordinates of `window` (which contains it)."""
+    return tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window))
+
+
+def _outside_box(points: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
+    """bool (n,): which of the (row, col) `points` (int (n, 2)) lie outside `box`."""
+    rows, cols = points[:, 0], points[:, 1]
+    return (
+        (rows < box[0].start) | (rows >= box[0].stop)
+        | (cols < box[1].start) | (cols >= box[1].stop)
+    )
+
+
+def _box_contains(outer: tuple[slice, slice], inner: tuple[slice, slice]) -> bool:
+    return all(o.start <= i.start and i.stop <= o.stop for o, i in zip(outer, inner))
+
+
+def _union_window(first: tuple[slice, slice], second: tuple[slice, slice]) -> tuple[slice, ...]:
+    return tuple(
+        slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(first, second)
+    )
+
+
+def _directed_object_hausdorff(source: _ObjectGeometry, s: int, target: _ObjectGeometry,
+                               t: int) -> float:
+    """h(source object s -> target object t): max over s's pixels of the distance to t; exact.
+
+    With W the window of t's distance map (t's box until a partner widened it): outside W the
+    farthest pixel of s is a boundary pixel (a pixel of s there has a 4-neighbour, the step
+    away from W, farther from *every* pixel of t; were that neighbour in s it would be
+    farther), and a pixel off t has its nearest t pixel on t's boundary (the 4-neighbour of
+    that pixel towards it would be nearer, so it is off t): a k-d tree of t's boundary answers
+    them. Inside W, t's distance map holds the exact distances. Priced with
+    `_KD_QUERY_COST`, the cheapest of: querying s's pixels inside W too (few of them, no map
+    yet), reading them from the map, or widening the map to cover s (many boundary pixels
+    outside W), so a direction never costs much more than one transform of both boxes.
+    """
+    own_box = source.boxes[s]
+    window = target.map_window(t)
+    outside = np.empty((0, 2), dtype=np.intp)
+    if not _box_contains(window, own_box):
+        boundary = source.boundary(s)
+        outside = boundary[_outside_box(boundary, window)]
+    inside = _intersection_window(own_box, window)
+    count = 0
     if inside is not None:
-        points = np.concatenate([points, source.points(s, inside)])
-    off_target = target.labels[points[:, 0], points[:, 1]] != target.ids[t]
-    if not off_target.any():
-        return 0.0
-    return float(target.tree(t).query(points[off_target].astype(np.float64))[0].max())
-
-
-def _cheaper_by_boundary(source: _ObjectGeometry, s: int, target: _ObjectGeometry, t: int,
-                         window) -> bool:
-    """Whether h(s -> t) is cheaper by `_directed_by_boundary` than by a transform of `window`.
-
-    The k-d route costs about `_KD_QUERY_COST` (|boundary s| + |box s & box t|) (the target's
-    tree is built once per object and reused). |boundary s| >= the longer side of its box
-    (each row and column of a box holds an extreme pixel), which prices that route from below
-    before any boundary is extracted.
-    """
-    edt_cost = _box_area(window)
-    common = _box_area(_intersection_window(source.boxes[s], target.boxes[t]))
-    longest = max(side.stop - side.start for side in source.boxes[s])
-    if edt_cost <= _KD_QUERY_COST * (longest + common):
-        return False
-    return _KD_QUERY_COST * (len(source.boundary(s)) + common) < edt_cost
+        off_target = source.mask(s, inside) & ~target.mask(t, inside)
+        count = np.count_nonzero(off_target)
+    map_cost = 0 if target.has_distance_map(t) else _box_area(window)
+    union = _union_window(window, own_box)
+    if len(outside) and (
+        _box_area(union) < _KD_QUERY_COST * len(outside) + min(_KD_QUERY_COST * count, map_cost)
+    ):
+        off_target = source.mask(s, own_box) & ~target.mask(t, own_box)
+        return float(target.distances(t, own_box, union)[off_target].max(initial=0.0))
+    farthest = 0.0
+    queries = [outside]
+    if count and map_cost <= _KD_QUERY_COST * count:
+        farthest = float(target.distances(t, inside, window)[off_target].max())
+    elif count:
+        queries.append(_pixel_coordinates(off_target, inside))
+    points = np.concatenate(queries)
+    if len(points):
+        nearest = target.tree(t).query(points.astype(np.float64))[0]
+        farthest = max(farthest, float(nearest.max()))
+    return farthest
 
 
 def _pair_hausdorff(first: _ObjectGeometry, i: int, second: _ObjectGeometry, j: int) -> float:
-    """Hausdorff distance between object i of `first` and object j of `second`, exact.
-
-    Each direction uses a distance transform of the window bounding both objects or boundary
-    k-d trees, whichever `_cheaper_by_boundary` prices lower, so a pair costs at most
-    O(window area) and e.g. a gland inside a whole-image object costs O(|gland| log).
-    """
-    window = _union_window(first.boxes[i], second.boxes[j])
-    distances = []
-    for source, s, target, t in ((first, i, second, j), (second, j, first, i)):
-        if _cheaper_by_boundary(source, s, target, t, window):
-            distances.append(_directed_by_boundary(source, s, target, t))
-        else:
-            distances.append(_directed_hausdorff(source.mask(s, window), target.mask(t, window)))
-    return max(distances)
+    """Hausdorff distance between object i of `first` and object j of `second`, exact."""
+    return max(
+        _directed_object_hausdorff(first, i, second, j),
+        _directed_object_hausdorff(second, j, first, i),
+    )
 
 
 def _bbox_lower_bound(box: tuple[slice, slice], others: list[tuple[slice, slice]]) -> np.ndarray:
@@ -353,9 +465,7 @@ def _bbox_lower_bound(box: tuple[slice, slice], others: list[tuple[slice, slice]
     at least the difference of their minima (and of their maxima), so the largest difference of
     bounding-box edges bounds the Hausdorff distance from below.
     """
-    edges = np.array([(b[0].start, b[0].stop, b[1].start, b[1].stop) for b in others])
-    mine = np.array([box[0].start, box[0].stop, box[1].start, box[1].stop])
-    return np.abs(edges - mine).max(axis=1)
+    return np.abs(_box_edges(others) - _box_edges([box])).max(axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +565,7 @@ def official_image_terms(pred, gt) -> ImageTerms:
         An `ImageTerms`; `pool_official_terms` turns one or more into scores.
     """
     pred, gt = _check_pair(pred, gt)
-    table, pred, pred_ids, gt, gt_ids = _overlap_table(pred, gt)
+    table, pred, pred_ids, pred_boxes, gt, gt_ids, gt_boxes = _overlap_table(pred, gt)
     overlap = table[1:, 1:]
     pred_area = table[1:].sum(axis=1)
     gt_area = table[:, 1:].sum(axis=0)
@@ -466,8 +576,6 @@ def official_image_terms(pred, gt) -> ImageTerms:
     covered = overlap[matched, pred_partners[matched]]
     tp = int(np.count_nonzero(2 * covered > gt_area[pred_partners[matched]]))
 
-    pred_boxes = _object_boxes(pred, pred_ids)
-    gt_boxes = _object_boxes(gt, gt_ids)
     pred_objects = _ObjectGeometry(pred, pred_ids, pred_boxes)
     gt_objects = _ObjectGeometry(gt, gt_ids, gt_boxes)
     cache: dict[tuple[int, int], float] = {}  # a matched pair is its own partner both ways
@@ -701,7 +809,7 @@ def seed_compatible_image_scores(pred, gt) -> dict:
     pred, gt = _check_pair(pred, gt)
     pred, n_pred = _binary_components(pred)
     gt, n_gt = _binary_components(gt)
-    table = _overlap_table(pred, gt)[0]  # ids 1..n, all present
+    table, _, _, pred_boxes, _, _, gt_boxes = _overlap_table(pred, gt)  # ids 1..n, all present
     overlap = table[1:, 1:]
     pred_area = table[1:].sum(axis=1)
     gt_area = table[:, 1:].sum(axis=0)
@@ -724,8 +832,6 @@ def seed_compatible_image_scores(pred, gt) -> dict:
     if total_pred == 0 or total_gt == 0:
         hausdorff = diagonal
     else:
-        gt_boxes = ndimage.find_objects(gt, max_label=n_gt)
-        pred_boxes = ndimage.find_objects(pred, max_label=n_pred)
         hausdorff = 0.5 * (
             _seed_side_hausdorff(gt, gt_boxes, gt_partners, pred, total_gt, False)
             + _seed_side_hausdorff(pred, pred_boxes, pred_partners, gt, total_pred, True)

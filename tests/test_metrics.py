@@ -118,6 +118,35 @@ def test_hausdorff_counts_interior_pixels_of_a_hole():
     assert result["object_hausdorff"] == 2.0
 
 
+def brute_force_hausdorff(first, second):
+    """Symmetric Hausdorff distance of two bool masks over all pixel pairs (the definition)."""
+    a, b = np.argwhere(first), np.argwhere(second)
+    squared = ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1)
+    return math.sqrt(max(squared.min(axis=1).max(), squared.min(axis=0).max()))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_hausdorff_of_one_object_each_equals_the_brute_force_definition(seed):
+    # One object per side: each is the other's partner (or nearest object), so the score is
+    # their Hausdorff distance. Random shapes (holes, specks, disjoint parts, one object far
+    # inside the other's box) exercise every route: distance maps, k-d trees, box splits.
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(8, 40, size=2))
+    masks = []
+    for _ in range(2):
+        mask = np.zeros(shape, bool)
+        while not mask.any():
+            top, left = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+            height, width = rng.integers(1, shape[0] + 1), rng.integers(1, shape[1] + 1)
+            mask[top : top + height, left : left + width] = True
+            mask &= rng.random(shape) < rng.uniform(0.3, 1.0)
+        masks.append(mask)
+    pred = np.where(masks[0], 3, 0).astype(np.int32)
+    gt = np.where(masks[1], 5, 0).astype(np.uint8)
+    expected = brute_force_hausdorff(masks[0], masks[1])
+    assert metrics.object_hausdorff(pred, gt) == pytest.approx(expected, abs=1e-12)
+
+
 def test_single_image_functions_agree_with_per_image_scores():
     gt = row_map(13, {1: (1, 4), 2: (6, 11)}, height=3, row=1)
     pred = row_map(13, {9: (1, 11)}, height=3, row=1)
@@ -188,6 +217,7 @@ def test_split_is_pooled_not_averaged():
     [
         (np.uint8, (3, 250)),
         (np.uint16, (1000, 60000)),
+        (np.uint16, (3, 1000)),  # table too large for boxes from its cells: per-map boxes
         (np.int32, (17, 2_000_000_000)),  # beyond the look-up table: np.unique path
         (np.int64, (5, 9)),
         (np.uint64, (2, 3)),
@@ -290,6 +320,24 @@ def test_whole_image_prediction_is_fast_and_exact():
     distance = np.array([farthest_image_pixel_from_box(b, GLAS_SHAPE) for b in boxes])
     expected_hausdorff = 0.5 * (distance[-1] + areas @ distance / areas.sum())
     assert result["object_hausdorff"] == pytest.approx(expected_hausdorff, abs=1e-9)
+
+
+def test_noise_prediction_is_fast_and_exact():
+    # Salt-and-pepper noise as one object (what an untrained model can give): half of the
+    # image is its boundary. Scoring must stay exact and take bounded time.
+    gt, boxes = gland_grid()
+    pred = (np.random.default_rng(0).random(GLAS_SHAPE) < 0.5).astype(np.int32)
+    pred[[0, 0, -1, -1], [0, -1, 0, -1]] = 1  # the image corners, farthest from every gland
+    start = time.perf_counter()
+    result = metrics.glas_scores([pred], [gt])
+    assert time.perf_counter() - start < 5.0
+    # H(noise, gland) = distance from the farthest image corner to the gland rectangle: every
+    # gland pixel is within a few pixels of a noise pixel, far less.
+    distance = np.array([farthest_image_pixel_from_box(b, GLAS_SHAPE) for b in boxes])
+    areas = np.array([(b[1] - b[0]) * (b[3] - b[2]) for b in boxes], np.float64)
+    partner = np.bincount(gt[pred == 1], minlength=16)[1:].argmax()
+    expected = 0.5 * (distance[partner] + areas @ distance / areas.sum())
+    assert result["object_hausdorff"] == pytest.approx(expected, abs=1e-9)
 
 
 def test_many_specks_against_a_few_glands_is_fast():
