@@ -1,13 +1,39 @@
 """Mask R-CNN speed: our model vs keras-cv-nightly's MaskRCNN (and optionally torchvision's).
 
-    python -m benchmarks.maskrcnn [--out FILE.json] [--torchvision] [--policy mixed_bfloat16]
+    python -m benchmarks.maskrcnn [--out FILE.json] [--torchvision [--torch-python PATH]]
+                                  [--policy mixed_bfloat16]
 
 Configuration of issue 7: ResNet-50, random init, 256 x 256 training images (synthetic glands,
-5 per image, new images every step), batch 2, SGD; prediction of one 775 x 522 image at its own
-resolution (a real GlaS image when `../shared/data/glas` exists), instance map included.
-keras-cv-nightly cannot share a process with keras-cv 0.9.0: it is installed with
-`pip install --no-deps --target DIR` and timed in a subprocess with DIR first on PYTHONPATH.
-Timings depend on the machine's load; run it on an otherwise idle machine.
+5 per image, new images every step), batch 2, SGD lr 5e-3 momentum 0.9 weight decay 5e-4;
+predictions of one 775 x 522 image (GlaS testA_1 when `../shared/data/glas` exists, else
+noise), batch 1, median of 3 calls after one warm-up call. Keys (seconds unless named otherwise):
+
+- `ours_first_step_s` / `ours_step_s`: first `fit` step (tracing included) / mean of the next
+  `--steps` steps; `ours_rpn_matched_fraction`, `ours_proposal_recall`: boxes matched.
+- `ours_predict_s`: the 775 x 522 uint8 image through our SavedModel's default serving graph
+  (`keras_glas.export.make_serving_function(model, image_size=S)`, S = `--image-size`): resized
+  so that its longer side is S (256 x 172), network, instance map resized back to 775 x 522.
+  The configuration torchvision's `torchvision_predict_s` uses.
+- `ours_predict_native_s`: the same graph with `image_size=0`: the network at 775 x 522.
+  `ours_first_predict*_s`: the warm-up calls (tracing included).
+- `kcv_nightly_*`: keras-cv-nightly, installed with `pip install --no-deps --target DIR` and
+  timed in a subprocess with DIR first on PYTHONPATH (it cannot share a process with keras-cv
+  0.9.0); `ratio` = `kcv_nightly_step_s / ours_step_s`.
+- `torchvision_*` (with `--torchvision`): `maskrcnn_resnet50_fpn(weights=None,
+  weights_backbone=None, num_classes=2, min_size=max_size=S)`, the same SGD,
+  `torch.set_num_threads(2)`, timed in a subprocess of `--torch-python`, an interpreter with
+  torch and torchvision (never a keras-glas dependency; see `--help`); `torchvision_ratio` =
+  `torchvision_step_s / ours_step_s`. `torchvision_step_losses`: this recipe diverges from
+  random init (its mask loss grows from ~15 to inf / NaN, recorded as null, within ~5 steps;
+  nothing clips gradients), so later steps run on NaN weights and predict uses a freshly
+  initialised model. Eval-mode predict of the image resized by torchvision's own transform:
+  `torchvision_predict_s` at min_size = max_size = S (256 x 172, as ours),
+  `torchvision_predict_800_s` at its default (min_size 800, max_size 1333: about 1187 x 800),
+  `torchvision_predict_native_s` at 775 x 522.
+- Both models predict with score threshold 0, so each returns its cap of 100 detections and
+  pastes 100 masks (see PREDICT_SCORE_THRESHOLD); `*_detections`: detections of the last call.
+
+Timings depend on the machine's load (recorded at start and end); run it on an idle machine.
 """
 import argparse
 import json
@@ -20,10 +46,21 @@ from pathlib import Path
 
 import numpy as np
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = REPO_ROOT.parent / "cache"
 KCV_NIGHTLY = "keras-cv-nightly==0.10.0.dev2024100303"
-DEFAULT_KCV_DIR = Path(__file__).resolve().parents[2] / "cache" / "kcv_nightly"
-GLAS_IMAGE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glas" / "testA_1.bmp"
+DEFAULT_KCV_DIR = CACHE_DIR / "kcv_nightly"
+DEFAULT_TORCH_PYTHON = CACHE_DIR / "torch_venv" / "bin" / "python"
+TORCH_VENV_RECIPE = ("python3.11 -m venv {venv} && {venv}/bin/pip install torch==2.14.1 "
+                     "torchvision==0.29.1 numpy pillow")
+GLAS_IMAGE = REPO_ROOT.parent / "shared" / "data" / "glas" / "testA_1.bmp"
 PREDICT_SHAPE = (522, 775)  # height, width of a GlaS image
+PREDICT_REPEATS = 3
+# Predict keeps every detection up to both models' cap of 100, so that both paste the same
+# number of masks: with random weights their default thresholds (ours 0.5, torchvision's 0.05)
+# keep none of ours and all 100 of torchvision's, which would time different work.
+PREDICT_SCORE_THRESHOLD = 0.0
+WORKER_RESULT = "WORKER_RESULT "  # prefix of the JSON line a worker subprocess prints
 
 
 def synthetic_batch(rng, batch_size, size, objects=5, max_instances=16):
@@ -52,12 +89,12 @@ def synthetic_batch(rng, batch_size, size, objects=5, max_instances=16):
 
 
 def predict_image():
-    """float32 (1, 522, 775, 3) in [0, 1]: GlaS testA_1 when available, else noise."""
+    """uint8 (1, 522, 775, 3): GlaS testA_1 when available, else noise."""
     if GLAS_IMAGE.is_file():
         from PIL import Image
 
-        return (np.asarray(Image.open(GLAS_IMAGE).convert("RGB"), np.float32) / 255.0)[None]
-    return np.random.default_rng(0).uniform(0, 1, (1,) + PREDICT_SHAPE + (3,)).astype(np.float32)
+        return np.array(Image.open(GLAS_IMAGE).convert("RGB"), np.uint8)[None]  # writable copy
+    return np.random.default_rng(0).integers(0, 256, (1,) + PREDICT_SHAPE + (3,), dtype=np.uint8)
 
 
 def _timed(function):
@@ -65,6 +102,16 @@ def _timed(function):
     start = time.perf_counter()
     result = function()
     return time.perf_counter() - start, result
+
+
+def time_predict(predict):
+    """(first call s, median s of the next PREDICT_REPEATS calls, result of the last call)."""
+    first, result = _timed(predict)
+    times = []
+    for _ in range(PREDICT_REPEATS):
+        seconds, result = _timed(predict)
+        times.append(seconds)
+    return first, float(np.median(times)), result
 
 
 def fit_one_batch(model, batch):
@@ -83,6 +130,7 @@ def benchmark_ours(steps, image_size, batch_size, policy):
     import keras
     import tensorflow as tf
 
+    from keras_glas.export import IMAGE_SIGNATURE, make_serving_function
     from keras_glas.models.maskrcnn import build_maskrcnn
     from keras_glas.models.maskrcnn import boxes as box_ops
     from keras_glas.models.maskrcnn import targets
@@ -112,21 +160,22 @@ def benchmark_ours(steps, image_size, batch_size, policy):
     hit = tf.reduce_any(matched & rpn["positive"][:, :, None], axis=1) & gt_valid
     rpn_matched = float(tf.reduce_sum(tf.cast(hit, tf.float32)) / tf.reduce_sum(tf.cast(gt_valid, tf.float32)))
 
-    infer = tf.function(model.infer, input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+    predict_results = {}
     image = tf.constant(predict_image())
-    first_predict, _ = _timed(lambda: infer(image))
-    predict_times = []
-    for _ in range(3):
-        seconds, out = _timed(lambda: infer(image))
-        predict_times.append(seconds)
+    model.options["score_threshold"] = PREDICT_SCORE_THRESHOLD  # read when `infer` is traced
+    # Training scale (the SavedModel's default, torchvision's configuration) and native.
+    for suffix, serving_size in (("", image_size), ("_native", 0)):
+        serve = tf.function(make_serving_function(model, image_size=serving_size),
+                            input_signature=[IMAGE_SIGNATURE])
+        first, median, out = time_predict(lambda: serve(image))
+        predict_results.update({f"ours_first_predict{suffix}_s": first, f"ours_predict{suffix}_s": median,
+                                f"ours_predict{suffix}_detections": int(np.sum(out["scores"].numpy() > 0))})
     return {
         "ours_policy": policy,
         "ours_first_step_s": first_step,
         "ours_step_s": float(np.mean(times)),
         "ours_step_times_s": times,
-        "ours_first_predict_s": first_predict,
-        "ours_predict_s": float(np.median(predict_times)),
-        "ours_predict_detections": int(np.sum(out["scores"].numpy() > 0)),
+        **predict_results,
         "ours_rpn_matched_fraction": rpn_matched,
         "ours_proposal_recall": float(np.mean(recalls)),
     }
@@ -166,11 +215,39 @@ def kcv_nightly_worker(steps, image_size, batch_size):
     result["kcv_nightly_step_s"] = float(np.mean(times))
     result["kcv_nightly_logs"] = {key: float(value[-1]) for key, value in history.items()}
     try:
-        seconds, _ = _timed(lambda: model.predict(predict_image(), batch_size=1, verbose=0))
+        image = predict_image().astype(np.float32) / 255.0
+        seconds, _ = _timed(lambda: model.predict(image, batch_size=1, verbose=0))
         result["kcv_nightly_predict_s"] = seconds
     except Exception as error:  # report, do not hide, the nightly's predict failure
         result["kcv_nightly_predict_error"] = f"{type(error).__name__}: {str(error)[:300]}"
-    print("KCV_NIGHTLY_RESULT " + json.dumps(result), flush=True)
+    print(WORKER_RESULT + json.dumps(result), flush=True)
+
+
+def run_worker(python, worker_flag, steps, image_size, batch_size, path_entries, error_key):
+    """Run `python -m benchmarks.maskrcnn WORKER_FLAG ...` and return the dict it prints.
+
+    The worker's other stdout lines (its progress) are echoed as they come. PYTHONPATH is
+    `path_entries` + this repository only (an inherited one could shadow the worker's own
+    packages). A worker that prints no result gives `{error_key: exit code + end of stderr}`.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(entry) for entry in path_entries] + [str(REPO_ROOT)]))
+    command = [str(python), "-m", "benchmarks.maskrcnn", worker_flag, "--steps", str(steps),
+               "--image-size", str(image_size), "--batch-size", str(batch_size)]
+    result = None
+    # stderr goes to a file, not a pipe: a pipe nobody reads blocks a chatty worker.
+    with tempfile.TemporaryFile("w+") as stderr:
+        with subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=stderr, text=True) as process:
+            for line in process.stdout:
+                if line.startswith(WORKER_RESULT):
+                    result = json.loads(line[len(WORKER_RESULT):])
+                else:
+                    print(line, end="", flush=True)
+        if result is None:
+            stderr.seek(0)
+            return {error_key: f"{' '.join(command)} exited with {process.returncode}: "
+                               f"{stderr.read()[-1500:]}"}
+    return result
 
 
 def benchmark_kcv_nightly(steps, image_size, batch_size, target_dir):
@@ -178,54 +255,89 @@ def benchmark_kcv_nightly(steps, image_size, batch_size, target_dir):
     if not (Path(target_dir) / "keras_cv").is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",
                         str(target_dir), KCV_NIGHTLY], check=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(target_dir), str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "benchmarks.maskrcnn", "--kcv-nightly-worker", "--steps",
-               str(steps), "--image-size", str(image_size), "--batch-size", str(batch_size)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True)
-    for line in run.stdout.splitlines():
-        if line.startswith("KCV_NIGHTLY_RESULT "):
-            return json.loads(line[len("KCV_NIGHTLY_RESULT "):])
-    return {"kcv_nightly_error": (run.stderr or run.stdout)[-1500:]}
+    return run_worker(sys.executable, "--kcv-nightly-worker", steps, image_size, batch_size,
+                      [target_dir], "kcv_nightly_error")
 
 
-def benchmark_torchvision(steps, image_size, batch_size):
-    """torchvision maskrcnn_resnet50_fpn, random init, min_size = max_size = image_size."""
-    try:
-        import torch
-        import torchvision
-    except ImportError:
-        return {"torchvision_error": "torch/torchvision not installed"}
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size)
+def torchvision_targets(y):
+    """Pipeline-format targets (see `synthetic_batch`) -> torchvision's per-image target dicts:
+    boxes float32 (n, 4) xyxy, labels int64 (n,) all 1 (gland), masks uint8 (n, S, S)."""
+    import torch
+
+    targets = []
+    for boxes, classes, instances in zip(y["boxes"], y["classes"], y["instances"]):
+        valid = classes >= 0
+        ids = np.nonzero(valid)[0] + 1  # instance id k + 1 belongs to boxes[k]
+        targets.append({"boxes": torch.from_numpy(boxes[valid][:, [1, 0, 3, 2]]),
+                        "labels": torch.ones(len(ids), dtype=torch.int64),
+                        "masks": torch.from_numpy((instances[None] == ids[:, None, None]).astype(np.uint8))})
+    return targets
+
+
+def torchvision_worker(steps, image_size, batch_size):
+    """Runs inside the subprocess of an interpreter with torch; prints a JSON line."""
+    import torch
+    import torchvision
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+
+    def new_model():
+        return torchvision.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size)
+
+    model = new_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=5e-3, momentum=0.9, weight_decay=5e-4)
     rng = np.random.default_rng(0)
 
     def step():
         images, y = synthetic_batch(rng, batch_size, image_size)
-        inputs = [torch.from_numpy(image).permute(2, 0, 1) for image in images]
-        labels = []
-        for i in range(batch_size):
-            valid = y["classes"][i] >= 0
-            ids = np.nonzero(valid)[0] + 1
-            boxes = y["boxes"][i][valid][:, [1, 0, 3, 2]]
-            labels.append({"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(ids), dtype=torch.int64),
-                           "masks": torch.from_numpy((y["instances"][i][None] == ids[:, None, None]).astype(np.uint8))})
         model.train()
-        loss = sum(model(inputs, labels).values())
+        losses = model([torch.from_numpy(image).permute(2, 0, 1) for image in images], torchvision_targets(y))
+        loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        return loss.item()
 
-    first, _ = _timed(step)
-    times = [_timed(step)[0] for _ in range(steps)]
-    model.eval()
-    image = torch.from_numpy(predict_image()[0]).permute(2, 0, 1)
+    result = {"torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+              "torch_threads": torch.get_num_threads()}
+    result["torchvision_first_step_s"], _ = _timed(step)
+    times, losses = [], []
+    for _ in range(steps):
+        seconds, loss = _timed(step)
+        times.append(seconds)
+        losses.append(loss if np.isfinite(loss) else None)  # strict JSON has no inf / NaN
+        print(f"  torchvision step {len(times)}: {seconds:.2f} s, loss {loss:.3f}", flush=True)
+    result["torchvision_step_s"] = float(np.mean(times))
+    result["torchvision_step_times_s"] = times
+    result["torchvision_step_losses"] = losses
+
+    model = new_model().eval()  # the trained one may hold NaNs (see the module docstring)
+    model.roi_heads.score_thresh = PREDICT_SCORE_THRESHOLD
+    image = torch.from_numpy(predict_image()[0]).permute(2, 0, 1).float() / 255.0
+    # (min_size, max_size) of torchvision's resize: as ours at the training scale, its
+    # default, and the image's own size.
+    resizes = {"": (image_size, image_size), "_800": (800, 1333), "_native": (min(PREDICT_SHAPE), max(PREDICT_SHAPE))}
     with torch.no_grad():
-        model.transform.min_size, model.transform.max_size = (min(PREDICT_SHAPE),), max(PREDICT_SHAPE)
-        predict = float(np.median([_timed(lambda: model([image]))[0] for _ in range(3)]))
-    return {"torchvision_first_step_s": first, "torchvision_step_s": float(np.mean(times)),
-            "torchvision_predict_s": predict}
+        for suffix, (min_size, max_size) in resizes.items():
+            model.transform.min_size, model.transform.max_size = (min_size,), max_size
+            first, median, out = time_predict(lambda: model([image]))
+            result.update({f"torchvision_first_predict{suffix}_s": first, f"torchvision_predict{suffix}_s": median,
+                           f"torchvision_predict{suffix}_detections": len(out[0]["scores"])})
+    print(WORKER_RESULT + json.dumps(result), flush=True)
+
+
+def benchmark_torchvision(steps, image_size, batch_size, torch_python):
+    """Time torchvision's Mask R-CNN in a subprocess of `torch_python` (see the docstring)."""
+    if not Path(torch_python).is_file():
+        venv = DEFAULT_TORCH_PYTHON.parents[1]
+        return {"torchvision_error": (
+            f"--torch-python {torch_python} does not exist: create a separate venv with torch "
+            f"(never in the keras-glas venv): `{TORCH_VENV_RECIPE.format(venv=venv)}`, or pass "
+            "--torch-python PATH to a Python that has torch and torchvision")}
+    return run_worker(torch_python, "--torchvision-worker", steps, image_size, batch_size, [],
+                      "torchvision_error")
 
 
 def main(argv=None):
@@ -236,14 +348,22 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"],
                         help="dtype policy of our model (keras-cv-nightly and torchvision run float32)")
-    parser.add_argument("--torchvision", action="store_true", help="also time torchvision (needs torch)")
+    parser.add_argument("--torchvision", action="store_true",
+                        help="also time torchvision's maskrcnn_resnet50_fpn in a subprocess of --torch-python")
+    parser.add_argument("--torch-python", default=str(DEFAULT_TORCH_PYTHON), metavar="PATH",
+                        help="Python interpreter with torch and torchvision (default %(default)s; create it "
+                             f"with `{TORCH_VENV_RECIPE.format(venv=DEFAULT_TORCH_PYTHON.parents[1])}`)")
     parser.add_argument("--skip-kcv-nightly", action="store_true")
     parser.add_argument("--kcv-nightly-dir", default=str(DEFAULT_KCV_DIR))
     parser.add_argument("--kcv-nightly-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torchvision-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.kcv_nightly_worker:
         kcv_nightly_worker(args.steps, args.image_size, args.batch_size)
+        return
+    if args.torchvision_worker:
+        torchvision_worker(args.steps, args.image_size, args.batch_size)
         return
 
     import psutil
@@ -259,8 +379,10 @@ def main(argv=None):
         if "kcv_nightly_step_s" in results:
             results["ratio"] = results["kcv_nightly_step_s"] / results["ours_step_s"]
     if args.torchvision:
-        print("timing torchvision maskrcnn_resnet50_fpn ...", flush=True)
-        results.update(benchmark_torchvision(args.steps, args.image_size, args.batch_size))
+        print("timing torchvision maskrcnn_resnet50_fpn in a subprocess ...", flush=True)
+        results.update(benchmark_torchvision(args.steps, args.image_size, args.batch_size, args.torch_python))
+        if "torchvision_step_s" in results:
+            results["torchvision_ratio"] = results["torchvision_step_s"] / results["ours_step_s"]
     results["load_average_at_end"] = list(os.getloadavg())
     for key, value in results.items():
         print(f"{key:32s} {value}")
