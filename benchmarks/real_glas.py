@@ -249,7 +249,8 @@ def learning_curve(history_path: Path, stamps: list) -> list[dict]:
     """Rows of `history.csv` (epoch, losses, validation metrics) with `elapsed_s` added.
 
     Returns:
-        `[{"epoch": int, "elapsed_s": float | None, "<column>": float, ...}]` in epoch order.
+        `[{"epoch": int, "elapsed_s": float | None, "<column>": float, ...}]` in epoch order;
+        a column is left out of the epochs it has no value for.
     """
     if not history_path.is_file():
         return []
@@ -259,7 +260,9 @@ def learning_curve(history_path: Path, stamps: list) -> list[dict]:
     for index, row in enumerate(rows):
         point = {"epoch": int(row.pop("epoch")) + 1,
                  "elapsed_s": stamps[index] if index < len(stamps) else None}
-        point.update({key: float(value) for key, value in row.items() if value not in ("", None)})
+        # "NA": a value not computed that epoch (the GlaS metrics run every few epochs).
+        point.update({key: float(value) for key, value in row.items()
+                      if value not in ("", None, "NA")})
         curve.append(point)
     return curve
 

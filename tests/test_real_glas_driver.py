@@ -64,16 +64,17 @@ def test_compare_to_baseline_signs_and_majority_rule():
 
 def test_learning_curve_stamps_rows_and_marks_resumed_ones(tmp_path):
     history = tmp_path / "history.csv"
-    history.write_text("epoch,loss,val_loss\n0,1.0,1.5\n")
+    history.write_text("epoch,loss,val_loss,val_glas_f1\n0,1.0,1.5,0.25\n")
     clock = real_glas.HistoryClock(history, poll_seconds=60)
     clock.start()
     with history.open("a") as handle:
-        handle.write("1,0.5,0.9\n")
+        handle.write("1,0.5,0.9,NA\n")  # GlaS metrics not scored that epoch
     clock.stop()
     curve = real_glas.learning_curve(history, clock.stamps)
     assert [point["epoch"] for point in curve] == [1, 2]
     assert curve[0]["elapsed_s"] is None  # present before the run started (resumed run)
     assert curve[1]["elapsed_s"] >= 0 and curve[1]["val_loss"] == 0.9
+    assert curve[0]["val_glas_f1"] == 0.25 and "val_glas_f1" not in curve[1]
 
 
 def test_failing_stage_names_itself_and_its_log(tmp_path):
