@@ -267,6 +267,47 @@ def learning_curve(history_path: Path, stamps: list) -> list[dict]:
     return curve
 
 
+def plot_learning_curve(curve: list[dict], path: Path, title: str) -> bool:
+    """Saves the validation GlaS scores against training minutes as a PNG.
+
+    Object F1 and object Dice on the left axis, object Hausdorff on the right, one point per
+    epoch that was scored and stamped (see `learning_curve`).
+
+    Returns:
+        Whether a figure was written (False when no epoch has both a time and GlaS scores).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [point for point in curve
+              if point.get("elapsed_s") is not None and "val_glas_f1" in point]
+    if not points:
+        return False
+    minutes = [point["elapsed_s"] / 60 for point in points]
+    figure, left = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("val_glas_f1", "object F1"), ("val_glas_object_dice", "object Dice")):
+        left.plot(minutes, [point[key] for point in points], marker="o", label=label)
+    left.set_xlabel("training time (min)")
+    left.set_ylabel("validation score")
+    left.set_ylim(0, 1)
+    right = left.twinx()
+    right.plot(minutes, [point["val_glas_object_hausdorff"] for point in points], marker="s",
+               color="tab:red", label="object Hausdorff")
+    right.set_ylabel("object Hausdorff (px)")
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    left.legend(handles=handles, loc="center right")
+    left.set_title(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temp, dpi=100)
+    plt.close(figure)
+    os.replace(temp, path)
+    return True
+
+
 def target_gaps(record: dict) -> dict:
     """Our scores against issue 8's target rows, per protocol, split and metric.
 
@@ -578,6 +619,11 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
             copy_file(source, destination)
             copied.append(str(destination.relative_to(paths.out_dir)))
 
+    curve = learning_curve(run_dir / "history.csv", clock.stamps)
+    curve_png = paths.out_dir / "figures" / model / "learning_curve.png"
+    if plot_learning_curve(curve, curve_png, f"{row_name}: validation (train[:10%])"):
+        copied.append(str(curve_png.relative_to(paths.out_dir)))
+
     record.update({
         "smoke": smoke,
         "max_images_per_split": paths.max_images,
@@ -593,7 +639,7 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
         "timings": timings,
         # elapsed_s: seconds since the train command started, when the epoch's row appeared;
         # None for epochs trained by an earlier, interrupted invocation.
-        "learning_curve": learning_curve(run_dir / "history.csv", clock.stamps),
+        "learning_curve": curve,
         "epochs_resumed_from_earlier_runs": resumed_epochs,
         "target_gaps": target_gaps(record),
         "figures": copied,

@@ -124,6 +124,10 @@ def test_smoke_chain_on_real_glas(shared_glas_dir, tmp_path):
     assert [point["epoch"] for point in record["learning_curve"]] == [1]
     assert record["learning_curve"][0]["elapsed_s"] > 0
     assert "val_loss" in record["learning_curve"][0]
+    # The CPU config scores the validation images with the GlaS metrics (first epoch included).
+    assert 0.0 <= record["learning_curve"][0]["val_glas_object_dice"] <= 1.0
+    assert "figures/unet/learning_curve.png" in record["figures"]
+    assert (out_dir / "figures" / "unet" / "learning_curve.png").stat().st_size > 0
     gaps = record["target_gaps"]
     assert gaps["seed"]["target"] == "DTU-MASKRCNN" and gaps["official"]["target"] == "CUMedVision2"
     seed_f1 = gaps["seed"]["test_a"]["f1"]
