@@ -52,7 +52,7 @@ DATASET = "glas/binary_masks"
 MODELS = ("unet", "maskrcnn")
 SPLITS = ("test_a", "test_b")
 FIGURE_LABELS = ("best", "average", "worst")
-ROW_NAMES = {"unet": "keras-glas U-Net (CPU 2 h)", "maskrcnn": "keras-glas Mask R-CNN (CPU 2 h)"}
+ROW_NAMES = {"unet": "keras-glas U-Net (2-core CPU)", "maskrcnn": "keras-glas Mask R-CNN (2-core CPU)"}
 PACKAGES = ("keras-glas", "tensorflow-cpu", "tensorflow", "keras", "keras-cv",
             "tensorflow-datasets", "numpy", "scipy", "scikit-image", "opencv-python",
             "opencv-python-headless")
