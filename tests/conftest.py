@@ -51,3 +51,23 @@ def synthetic_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     tfds.builder("glas/synthetic", data_dir=str(data_dir)).download_and_prepare()
     return str(data_dir)
+
+
+@pytest.fixture
+def tiny_unet_config(synthetic_data_dir):
+    """Makes a `Config` of the seed's U-Net recipe shrunk for CPU tests, plus overrides.
+
+    `glas/synthetic`, 64 px, batch 2, base 4, depth 2, 1 epoch of 2 steps, no fine-tune stage,
+    float32; `tiny_unet_config("train.epochs=3", ...)` adds `section.key=value` overrides.
+    """
+    from keras_glas.config import load_config
+
+    def make(*overrides):
+        return load_config(REPO_ROOT / "configs" / "unet.yaml", [
+            "data.dataset=glas/synthetic", f"data.data_dir={synthetic_data_dir}",
+            "data.image_size=64", "data.batch_size=2", "model.base_filters=4", "model.depth=2",
+            "train.epochs=1", "train.steps_per_epoch=2", "train.finetune=null",
+            "train.precision=float32", *overrides,
+        ])
+
+    return make

@@ -1,31 +1,20 @@
 """keras_glas.callbacks: GlaS metrics of the validation images during training."""
 import csv
 import math
-from pathlib import Path
 
 import keras
 import pytest
 
 from keras_glas import metrics
 from keras_glas.callbacks import GLAS_LOG_NAMES, GlasMetricsCallback
-from keras_glas.config import ConfigError, load_config
+from keras_glas.config import ConfigError
 from keras_glas.evaluate import predict_split
 from keras_glas.export import export_run
 from keras_glas.models.maskrcnn import build_maskrcnn
 from keras_glas.predict import SavedModelPredictor
 from keras_glas.train import train
 
-UNET_YAML = Path(__file__).resolve().parents[1] / "configs" / "unet.yaml"
 VALIDATION = "train[:10%]"
-
-
-def tiny_unet_config(data_dir, *overrides):
-    return load_config(UNET_YAML, [
-        "data.dataset=glas/synthetic", f"data.data_dir={data_dir}", "data.image_size=64",
-        "data.batch_size=2", "model.base_filters=4", "model.depth=2", "train.epochs=1",
-        "train.steps_per_epoch=2", "train.finetune=null", "train.precision=float32",
-        *overrides,
-    ])
 
 
 def history(run_dir):
@@ -34,9 +23,9 @@ def history(run_dir):
 
 
 def test_scores_every_n_epochs_first_and_last_and_select_the_checkpoint(tmp_path,
-                                                                       synthetic_data_dir):
+                                                                       tiny_unet_config):
     run_dir = tmp_path / "run"
-    config = tiny_unet_config(synthetic_data_dir, "train.epochs=4", "train.glas_metrics_every=3",
+    config = tiny_unet_config("train.epochs=4", "train.glas_metrics_every=3",
                               "train.monitor=val_glas_f1")
     train(config, run_dir, verbose=0)
     rows = history(run_dir)
@@ -52,10 +41,10 @@ def test_scores_every_n_epochs_first_and_last_and_select_the_checkpoint(tmp_path
     assert (run_dir / "checkpoints" / "best.weights.h5").is_file()
 
 
-def test_logged_scores_equal_evaluating_the_exported_checkpoint(tmp_path, synthetic_data_dir):
+def test_logged_scores_equal_evaluating_the_exported_checkpoint(tmp_path, synthetic_data_dir,
+                                                                tiny_unet_config):
     run_dir = tmp_path / "run"
-    config = tiny_unet_config(synthetic_data_dir, "postprocess.min_size=5",
-                              "postprocess.fill_holes=true")
+    config = tiny_unet_config("postprocess.min_size=5", "postprocess.fill_holes=true")
     train(config, run_dir, verbose=0)
     [row] = history(run_dir)
     saved_model = export_run(run_dir, tmp_path / "saved_model", checkpoint="last")
@@ -91,8 +80,8 @@ def test_maskrcnn_under_mixed_bfloat16_logs_finite_scores(synthetic_data_dir):
         keras.config.set_dtype_policy(previous)
 
 
-def test_a_glas_monitor_needs_the_metrics_switched_on(tmp_path, synthetic_data_dir):
-    config = tiny_unet_config(synthetic_data_dir, "train.glas_metrics_every=null",
+def test_a_glas_monitor_needs_the_metrics_switched_on(tmp_path, tiny_unet_config):
+    config = tiny_unet_config("train.glas_metrics_every=null",
                               "train.monitor=val_glas_object_hausdorff")
     with pytest.raises(ConfigError, match="glas_metrics_every"):
         train(config, tmp_path / "run", verbose=0)

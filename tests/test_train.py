@@ -56,15 +56,6 @@ def history_rows(run_dir):
         return list(csv.DictReader(handle))
 
 
-def tiny_config(data_dir, *overrides):
-    return load_config(UNET_YAML, [
-        "data.dataset=glas/synthetic", f"data.data_dir={data_dir}", "data.image_size=64",
-        "data.batch_size=2", "model.base_filters=4", "model.depth=2", "train.epochs=1",
-        "train.steps_per_epoch=2", "train.finetune=null", "train.precision=float32",
-        *overrides,
-    ])
-
-
 def test_cli_trains_into_a_run_dir_and_refuses_a_different_config(tmp_path,
                                                                   synthetic_data_dir):
     run_dir = tmp_path / "run"
@@ -140,9 +131,9 @@ def test_one_epoch_of_the_seed_recipe_lowers_the_loss(synthetic_data_dir):
 
 
 def test_mixed_bfloat16_trains_with_finite_loss_and_float32_outputs(tmp_path,
-                                                                    synthetic_data_dir):
+                                                                    tiny_unet_config):
     policy = keras.config.dtype_policy().name
-    config = tiny_config(synthetic_data_dir, "train.precision=mixed_bfloat16")
+    config = tiny_unet_config("train.precision=mixed_bfloat16")
     [history] = train(config, tmp_path / "run", verbose=0)
     assert history.model.compute_dtype == "bfloat16"
     outputs = history.model(tf.zeros((1, 64, 64, 3)))
@@ -164,10 +155,9 @@ def test_mixed_float16_wraps_the_optimizer_in_loss_scaling():
     assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
 
 
-def test_mirrored_strategy_runs_both_stages(tmp_path, synthetic_data_dir, two_cpu_strategy):
+def test_mirrored_strategy_runs_both_stages(tmp_path, tiny_unet_config, two_cpu_strategy):
     strategy = two_cpu_strategy
-    config = tiny_config(synthetic_data_dir, "train.finetune.epochs=1",
-                         "train.finetune.learning_rate=1e-4")
+    config = tiny_unet_config("train.finetune.epochs=1", "train.finetune.learning_rate=1e-4")
     main_stage, finetune = train(config, tmp_path / "run", strategy=strategy, verbose=0)
     assert strategy.num_replicas_in_sync == 2
     assert isinstance(main_stage.model.optimizer, keras.optimizers.SGD)
@@ -178,9 +168,8 @@ def test_mirrored_strategy_runs_both_stages(tmp_path, synthetic_data_dir, two_cp
     assert np.isfinite(finetune.model.get_weights()[0]).all()
 
 
-def test_contour_head_model_trains_with_weighted_bce(tmp_path, synthetic_data_dir):
-    config = tiny_config(synthetic_data_dir, "model.contour_head=true",
-                         "train.loss=weighted_bce")
+def test_contour_head_model_trains_with_weighted_bce(tmp_path, tiny_unet_config):
+    config = tiny_unet_config("model.contour_head=true", "train.loss=weighted_bce")
     [history] = train(config, tmp_path / "run", verbose=0)
     assert {"mask_loss", "contour_loss"} <= set(history.history)
     assert all(math.isfinite(value) for value in history.history["loss"])
