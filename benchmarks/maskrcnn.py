@@ -4,34 +4,40 @@
                                   [--policy mixed_bfloat16]
 
 Configuration of issue 7: ResNet-50, random init, 256 x 256 training images (synthetic glands,
-5 per image, new images every step), batch 2, SGD lr 5e-3 momentum 0.9 weight decay 5e-4;
+5 per image, new images every step), batch 2, SGD lr 5e-3 momentum 0.9 weight decay 5e-4 with
+the linear learning-rate warm-up of torchvision's detection reference recipe (from 1/1000 of the
+rate over 1000 steps; see `keras_sgd`), the same for all three models;
 predictions of one 775 x 522 image (GlaS testA_1 when `../shared/data/glas` exists, else
 noise), batch 1, median of 3 calls after one warm-up call. Keys (seconds unless named otherwise):
 
-- `ours_first_step_s` / `ours_step_s`: first `fit` step (tracing included) / mean of the next
-  `--steps` steps; `ours_rpn_matched_fraction`, `ours_proposal_recall`: boxes matched.
+- `ours_first_step_s` / `ours_step_s`: one `fit` epoch of `--steps` + 1 batches, timed by a
+  callback: its first step (from the `fit` call, tracing included) / the mean of the others;
+  `ours_rpn_matched_fraction`, `ours_proposal_recall`: boxes matched.
 - `ours_predict_s`: the 775 x 522 uint8 image through our SavedModel's default serving graph
-  (`keras_glas.export.make_serving_function(model, image_size=S)`, S = `--image-size`): resized
+  (`keras_glas.export.make_serving_function(model, image_size=S, fold_batch_norms=True)`, as
+  `keras_glas.export` writes it, S = `--image-size`): resized
   so that its longer side is S (256 x 172), network, instance map resized back to 775 x 522.
   The configuration torchvision's `torchvision_predict_s` uses.
 - `ours_predict_native_s`: the same graph with `image_size=0`: the network at 775 x 522.
   `ours_first_predict*_s`: the warm-up calls (tracing included).
 - `kcv_nightly_*`: keras-cv-nightly, installed with `pip install --no-deps --target DIR` and
   timed in a subprocess with DIR first on PYTHONPATH (it cannot share a process with keras-cv
-  0.9.0); `ratio` = `kcv_nightly_step_s / ours_step_s`.
+  0.9.0), trained by the same one-epoch `fit`; `ratio` = `kcv_nightly_step_s / ours_step_s`.
 - `torchvision_*` (with `--torchvision`): `maskrcnn_resnet50_fpn(weights=None,
-  weights_backbone=None, num_classes=2, min_size=max_size=S)`, the same SGD,
+  weights_backbone=None, num_classes=2, min_size=max_size=S)`, the same SGD and warm-up,
   `torch.set_num_threads(2)`, timed in a subprocess of `--torch-python`, an interpreter with
   torch and torchvision (never a keras-glas dependency; see `--help`); `torchvision_ratio` =
-  `torchvision_step_s / ours_step_s`. `torchvision_step_losses`: this recipe diverges from
-  random init (its mask loss grows from ~15 to inf / NaN, recorded as null, within ~5 steps;
-  nothing clips gradients), so later steps run on NaN weights and predict uses a freshly
-  initialised model. Eval-mode predict of the image resized by torchvision's own transform:
+  `torchvision_step_s / ours_step_s`. `torchvision_step_losses`: without the warm-up this
+  recipe diverges from random init within 3 steps (loss 206, 4316, 3e11, then NaN, recorded
+  as null), and steps on NaN weights are ~30% faster because NaN proposals are dropped: a
+  step time that is not a training step's. Predict uses a freshly initialised model.
+  Eval-mode predict of the image resized by torchvision's own transform:
   `torchvision_predict_s` at min_size = max_size = S (256 x 172, as ours),
   `torchvision_predict_800_s` at its default (min_size 800, max_size 1333: about 1187 x 800),
   `torchvision_predict_native_s` at 775 x 522.
-- Both models predict with score threshold 0, so each returns its cap of 100 detections and
-  pastes 100 masks (see PREDICT_SCORE_THRESHOLD); `*_detections`: detections of the last call.
+- Both models predict with score threshold 0 and detection NMS at IoU 1.0, so each returns
+  its cap of 100 detections and pastes 100 masks (see PREDICT_SCORE_THRESHOLD);
+  `*_detections`: detections of the last call.
 
 Timings depend on the machine's load (recorded at start and end); run it on an idle machine.
 """
@@ -46,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import machine_info
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT.parent / "cache"
 KCV_NIGHTLY = "keras-cv-nightly==0.10.0.dev2024100303"
@@ -56,11 +64,21 @@ TORCH_VENV_RECIPE = ("python3.11 -m venv {venv} && {venv}/bin/pip install torch=
 GLAS_IMAGE = REPO_ROOT.parent / "shared" / "data" / "glas" / "testA_1.bmp"
 PREDICT_SHAPE = (522, 775)  # height, width of a GlaS image
 PREDICT_REPEATS = 3
-# Predict keeps every detection up to both models' cap of 100, so that both paste the same
-# number of masks: with random weights their default thresholds (ours 0.5, torchvision's 0.05)
-# keep none of ours and all 100 of torchvision's, which would time different work.
+# Predict keeps the 100 best-scoring detections (both models' cap), so that both paste the
+# same number of masks: with random weights their default thresholds (ours 0.5, torchvision's
+# 0.05) keep none of ours and all 100 of torchvision's, and detection NMS at IoU 0.5 keeps
+# fewer of ours than of torchvision's (whose RPN suppresses per FPN level), which would time
+# different work. NMS with IoU 1.0 suppresses nothing.
 PREDICT_SCORE_THRESHOLD = 0.0
+PREDICT_NMS_IOU = 1.0
 WORKER_RESULT = "WORKER_RESULT "  # prefix of the JSON line a worker subprocess prints
+# The seed's SGD, warmed up as in torchvision's detection reference recipe
+# (references/detection/train.py: LinearLR from 1/1000 over the first 1000 iterations).
+SGD_LEARNING_RATE = 5e-3
+SGD_MOMENTUM = 0.9
+SGD_WEIGHT_DECAY = 5e-4
+WARMUP_FACTOR = 1e-3
+WARMUP_STEPS = 1000
 
 
 def synthetic_batch(rng, batch_size, size, objects=5, max_instances=16):
@@ -114,15 +132,52 @@ def time_predict(predict):
     return first, float(np.median(times)), result
 
 
-def fit_one_batch(model, batch):
-    """One training step through `fit` (as training runs it) -> the history dict.
+def keras_sgd(weight_decay=None):
+    """Keras SGD with the benchmark's learning rate, momentum and linear warm-up."""
+    import keras
 
-    Both models are timed this way: keras-cv-nightly's `train_step` unpacks exactly `(x, y)`,
-    which `train_on_batch` does not give. Later calls reuse the traced train function.
+    warm_up = keras.optimizers.schedules.CosineDecay(
+        SGD_LEARNING_RATE * WARMUP_FACTOR, decay_steps=1, alpha=1.0,  # constant after warm-up
+        warmup_target=SGD_LEARNING_RATE, warmup_steps=WARMUP_STEPS)
+    return keras.optimizers.SGD(warm_up, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+
+
+def fit_timed(model, batches, label):
+    """Train on `batches` in one `fit` epoch (as training runs) and time every step.
+
+    Both Keras models are timed this way (keras-cv-nightly's `train_step` unpacks exactly
+    `(x, y)`, which `train_on_batch` does not give). One `fit` call, not one per step: a call's
+    own set-up (data adapter, callbacks) is not a training step's cost.
+
+    Args:
+        model: a compiled Keras model.
+        batches: list of `(x, y)` NumPy batches of equal shapes.
+        label: name printed with each step's time.
+
+    Returns:
+        `(first step s (from the `fit` call, tracing included), [s of each later step],
+        logs of the last step)`.
     """
+    import keras
     import tensorflow as tf
 
-    return model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0).history
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.ends = [time.perf_counter()]
+
+        def on_train_batch_end(self, batch, logs=None):
+            # Reading a value waits for the step to finish, whatever Keras runs asynchronously.
+            self.logs = {key: float(value) for key, value in logs.items()}
+            self.ends.append(time.perf_counter())
+            if batch:
+                print(f"  {label} step {batch}: {self.ends[-1] - self.ends[-2]:.2f} s, "
+                      f"loss {self.logs['loss']:.3f}", flush=True)
+
+    stacked = tf.nest.map_structure(lambda *parts: np.stack(parts), *batches)
+    timer = StepTimer()
+    model.fit(tf.data.Dataset.from_tensor_slices(stacked), epochs=1, verbose=0, callbacks=[timer])
+    steps = np.diff(timer.ends)
+    return float(steps[0]), [float(step) for step in steps[1:]], timer.logs
 
 
 def benchmark_ours(steps, image_size, batch_size, policy):
@@ -137,16 +192,10 @@ def benchmark_ours(steps, image_size, batch_size, policy):
 
     keras.mixed_precision.set_global_policy(policy)
     model = build_maskrcnn("resnet50")
-    model.compile(optimizer=keras.optimizers.SGD(5e-3, momentum=0.9, weight_decay=5e-4))
+    model.compile(optimizer=keras_sgd(weight_decay=SGD_WEIGHT_DECAY))
     rng = np.random.default_rng(0)
     batches = [synthetic_batch(rng, batch_size, image_size) for _ in range(steps + 1)]
-    first_step, _ = _timed(lambda: fit_one_batch(model, batches[0]))
-    times, recalls = [], []
-    for batch in batches[1:]:
-        seconds, history = _timed(lambda: fit_one_batch(model, batch))
-        times.append(seconds)
-        recalls.append(history["proposal_recall"][-1])
-        print(f"  ours step {len(times)}: {seconds:.2f} s, loss {history['loss'][-1]:.3f}", flush=True)
+    first_step, times, logs = fit_timed(model, batches, "ours")
 
     # Boxes matched during training: objects of the last batch that own at least one positive
     # anchor of the RPN's sample (above: objects an RPN proposal overlaps with IoU >= 0.5).
@@ -162,10 +211,11 @@ def benchmark_ours(steps, image_size, batch_size, policy):
 
     predict_results = {}
     image = tf.constant(predict_image())
-    model.options["score_threshold"] = PREDICT_SCORE_THRESHOLD  # read when `infer` is traced
+    # Read when `infer` is traced.
+    model.options.update({"score_threshold": PREDICT_SCORE_THRESHOLD, "detection_nms_iou": PREDICT_NMS_IOU})
     # Training scale (the SavedModel's default, torchvision's configuration) and native.
     for suffix, serving_size in (("", image_size), ("_native", 0)):
-        serve = tf.function(make_serving_function(model, image_size=serving_size),
+        serve = tf.function(make_serving_function(model, image_size=serving_size, fold_batch_norms=True),
                             input_signature=[IMAGE_SIGNATURE])
         first, median, out = time_predict(lambda: serve(image))
         predict_results.update({f"ours_first_predict{suffix}_s": first, f"ours_predict{suffix}_s": median,
@@ -177,7 +227,7 @@ def benchmark_ours(steps, image_size, batch_size, policy):
         "ours_step_times_s": times,
         **predict_results,
         "ours_rpn_matched_fraction": rpn_matched,
-        "ours_proposal_recall": float(np.mean(recalls)),
+        "ours_proposal_recall": logs["proposal_recall"],
     }
 
 
@@ -192,7 +242,7 @@ def kcv_nightly_worker(steps, image_size, batch_size):
         input_shape=(image_size, image_size, 3),  # its anchor generator needs a static size
     )
     model = keras_cv.models.MaskRCNN(backbone=backbone, num_classes=1, bounding_box_format="yxyx")
-    model.compile(optimizer=keras.optimizers.SGD(5e-3, momentum=0.9), rpn_box_loss="Huber",
+    model.compile(optimizer=keras_sgd(), rpn_box_loss="Huber",
                   rpn_classification_loss="BinaryCrossentropy", box_loss="Huber",
                   classification_loss="CategoricalCrossentropy", mask_loss="BinaryCrossentropy")
     rng = np.random.default_rng(0)
@@ -206,14 +256,9 @@ def kcv_nightly_worker(steps, image_size, batch_size):
                         "segmask": y["instances"].astype(np.float32)}
 
     result = {}
-    result["kcv_nightly_first_step_s"], history = _timed(lambda: fit_one_batch(model, nightly_batch()))
-    times = []
-    for _ in range(steps):
-        seconds, history = _timed(lambda: fit_one_batch(model, nightly_batch()))
-        times.append(seconds)
-        print(f"  kcv-nightly step {len(times)}: {seconds:.2f} s", flush=True)
-    result["kcv_nightly_step_s"] = float(np.mean(times))
-    result["kcv_nightly_logs"] = {key: float(value[-1]) for key, value in history.items()}
+    first_step, times, logs = fit_timed(model, [nightly_batch() for _ in range(steps + 1)], "kcv-nightly")
+    result.update(kcv_nightly_first_step_s=first_step, kcv_nightly_step_s=float(np.mean(times)),
+                  kcv_nightly_step_times_s=times, kcv_nightly_logs=logs)
     try:
         image = predict_image().astype(np.float32) / 255.0
         seconds, _ = _timed(lambda: model.predict(image, batch_size=1, verbose=0))
@@ -287,7 +332,10 @@ def torchvision_worker(steps, image_size, batch_size):
             weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size)
 
     model = new_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=5e-3, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LEARNING_RATE, momentum=SGD_MOMENTUM,
+                                weight_decay=SGD_WEIGHT_DECAY)
+    warm_up = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_FACTOR,
+                                                total_iters=WARMUP_STEPS)
     rng = np.random.default_rng(0)
 
     def step():
@@ -298,6 +346,7 @@ def torchvision_worker(steps, image_size, batch_size):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        warm_up.step()
         return loss.item()
 
     result = {"torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
@@ -315,6 +364,7 @@ def torchvision_worker(steps, image_size, batch_size):
 
     model = new_model().eval()  # the trained one may hold NaNs (see the module docstring)
     model.roi_heads.score_thresh = PREDICT_SCORE_THRESHOLD
+    model.roi_heads.nms_thresh = PREDICT_NMS_IOU
     image = torch.from_numpy(predict_image()[0]).permute(2, 0, 1).float() / 255.0
     # (min_size, max_size) of torchvision's resize: as ours at the training scale, its
     # default, and the image's own size.
@@ -343,7 +393,7 @@ def benchmark_torchvision(steps, image_size, batch_size, torch_python):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results as JSON to this file")
-    parser.add_argument("--steps", type=int, default=5, help="steady-state steps averaged (default 5)")
+    parser.add_argument("--steps", type=int, default=8, help="steady-state steps averaged (default 8)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"],
@@ -369,7 +419,7 @@ def main(argv=None):
     import psutil
 
     results = {"image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
-               "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
+               **machine_info(), "load_average_at_start": list(os.getloadavg()),
                "cpu_percent_at_start": psutil.cpu_percent(interval=1.0)}
     print("timing keras_glas Mask R-CNN ...", flush=True)
     results.update(benchmark_ours(args.steps, args.image_size, args.batch_size, args.policy))

@@ -28,6 +28,8 @@ from scipy.spatial import cKDTree
 
 from keras_glas import metrics
 
+from benchmarks.machine import machine_info
+
 HEIGHT, WIDTH = 522, 775
 
 
@@ -243,7 +245,7 @@ def main(argv=None) -> dict:
         "equal_to_1e-9": max_abs_diff <= 1e-9,
         "scores": {k: ours[k] for k in keys},
         "load_average_1min": round(os.getloadavg()[0], 2),
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "python": platform.python_version(),
         "numpy": np.__version__,
     }

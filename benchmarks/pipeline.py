@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import machine_info
+
 SEED_CROP_PROBABILITY = 0.5
 MIN_CROP_FRACTION = 0.6  # the same window sizes as keras_glas.augment.AugmentOptions' default
 
@@ -273,7 +275,7 @@ def main(argv=None):
         "image_size": args.image_size,
         "batch_size": args.batch_size,
     }
-    results = dict(config, load_average_at_start=os.getloadavg()[0], cpu_count=os.cpu_count())
+    results = dict(config, load_average_at_start=os.getloadavg()[0], **machine_info())
     with tempfile.TemporaryDirectory(prefix="glas_png_") as png_dir:
         print(f"exporting {args.dataset} train split as PNG to {png_dir} (not timed)")
         config["pairs"] = run_isolated(export_split, args.dataset, args.data_dir, png_dir)

@@ -36,6 +36,8 @@ from keras_glas import export
 from keras_glas.config import load_config
 from keras_glas.models import build_model
 
+from benchmarks.machine import machine_info
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GLAS_IMAGE = Path(os.environ.get("KERAS_GLAS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "glas")) / "testA_1.bmp"
 HEIGHT, WIDTH = 522, 775
@@ -137,7 +139,7 @@ def main(argv=None):
         "weights": args.run_dir or "random",
         "postprocess": dataclasses.asdict(config.postprocess),
         "runs": args.runs,
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
         "tensorflow": tf.__version__,
     }

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from keras_glas.models.maskrcnn import boxes as box_ops
 from keras_glas.models.maskrcnn import inference, targets
-from keras_glas.models.maskrcnn.roi_align import assign_levels, multilevel_roi_align, roi_align
+from keras_glas.models.maskrcnn.roi_align import assign_levels, bin_means, multilevel_roi_align, roi_align
 
 
 def test_anchors_cover_every_level_with_the_right_sizes_and_ratios():
@@ -128,6 +128,24 @@ def test_roi_align_matches_hand_computed_bilinear_samples():
     np.testing.assert_allclose(pooled, expected, atol=1e-5)
 
 
+def test_bin_means_and_their_gradient_equal_a_reshaped_mean():
+    samples = tf.constant(np.random.default_rng(4).normal(size=(3, 6, 6, 5)), tf.float32)
+    upstream = tf.constant(np.random.default_rng(5).normal(size=(3, 2, 2, 5)), tf.float32)
+
+    def value_and_gradient(function):
+        with tf.GradientTape() as tape:
+            tape.watch(samples)
+            means = function(samples)
+            loss = tf.reduce_sum(means * upstream)
+        return means, tape.gradient(loss, samples)
+
+    means, gradient = value_and_gradient(lambda x: bin_means(x, 3))
+    expected, expected_gradient = value_and_gradient(
+        lambda x: tf.reduce_mean(tf.reshape(x, (3, 2, 3, 2, 3, 5)), axis=(2, 4)))
+    np.testing.assert_allclose(means.numpy(), expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(gradient.numpy(), expected_gradient.numpy(), atol=1e-6)
+
+
 def test_multilevel_roi_align_pools_each_box_on_its_level():
     boxes = tf.constant([[0.0, 0.0, 224.0, 224.0], [0.0, 0.0, 112.0, 112.0], [0.0, 0.0, 20.0, 20.0],
                          [0.0, 0.0, 900.0, 900.0]])
@@ -174,25 +192,74 @@ def test_mask_targets_equal_crop_and_resize_of_the_one_hot_mask():
     np.testing.assert_allclose(result, expected, atol=1e-5)
 
 
-def test_paste_masks_puts_each_mask_back_into_its_box():
+def _reference_paste(masks, boxes, valid, height, width, threshold):
+    """Per-pixel definition of `inference.paste_instances` (NumPy, one image)."""
+    size = masks.shape[-1]
+    instances = np.zeros((height, width), np.int32)
+    probabilities = np.zeros((height, width), np.float32)
+    for k in reversed(range(len(masks))):
+        if not valid[k]:
+            continue
+        bordered = np.pad(masks[k], 1)[..., None]
+        y1, x1, y2, x2 = boxes[k]
+        h, w = max(y2 - y1, 1e-3), max(x2 - x1, 1e-3)
+        for y in range(height):
+            for x in range(width):
+                value = _bilinear(bordered, (y + 0.5 - y1) * size / h + 0.5,
+                                  (x + 0.5 - x1) * size / w + 0.5)[0]
+                probabilities[y, x] = max(probabilities[y, x], value)
+                if value > threshold:
+                    instances[y, x] = k + 1
+    return instances, probabilities
+
+
+def test_paste_instances_puts_each_mask_back_into_its_box():
     instances = _instance_map()
     rois = tf.constant([[11.0, 23.0, 37.0, 45.0], [39.0, 7.0, 57.0, 25.0]])
     masks = targets.mask_targets(instances, rois, tf.constant([0, 0]), tf.constant([1, 2]), 28)
-    canvas = inference.paste_masks(masks, rois, 64, 70).numpy()
-    assert canvas.shape == (2, 64, 70)
+    pasted, probabilities = inference.paste_instances(
+        masks[None], rois[None], tf.constant([[True, True]]), 64, 70, 0.5)
+    assert pasted.shape == (1, 64, 70) and pasted.dtype == tf.int32
     for k in range(2):
-        pasted = canvas[k, :, :64] > 0.5
+        mask = pasted.numpy()[0, :, :64] == k + 1
         truth = instances[0] == k + 1
-        iou = (pasted & truth).sum() / (pasted | truth).sum()
+        iou = (mask & truth).sum() / (mask | truth).sum()
         assert iou > 0.9, iou
-        assert not (canvas[k, :, 64:] > 0).any()
+    assert not (pasted.numpy()[0, :, 64:] > 0).any()
+    assert not (probabilities.numpy()[0, :, 64:] > 0).any()
 
 
-def test_instance_map_gives_overlaps_to_the_higher_score():
+def test_paste_instances_equals_the_per_pixel_definition():
+    rng = np.random.default_rng(3)
+    masks = rng.uniform(size=(2, 4, 6, 6)).astype(np.float32)
+    # Boxes overlapping each other, the canvas edges, sub-pixel and degenerate ones.
+    boxes = np.array([[[2.3, 1.7, 15.2, 12.9], [0.0, 0.0, 21.0, 19.0], [10.5, 9.5, 11.0, 10.1],
+                       [-3.0, 14.0, 8.0, 30.0]],
+                      [[5.0, 5.0, 5.0, 9.0], [1.0, 2.0, 20.0, 18.0], [0.0, 0.0, 1.0, 1.0],
+                       [12.0, 3.0, 21.0, 19.0]]], np.float32)
+    valid = np.array([[True, True, True, True], [True, True, False, False]])
+    instances, probabilities = inference.paste_instances(masks, boxes, valid, 21, 19, 0.5)
+    for n in range(2):
+        expected_ids, expected_probabilities = _reference_paste(masks[n], boxes[n], valid[n], 21, 19, 0.5)
+        np.testing.assert_allclose(probabilities.numpy()[n], expected_probabilities, atol=1e-5)
+        # Ties at the threshold are decided by rounding; compare where the value is clear.
+        clear = np.abs(expected_probabilities - 0.5) > 1e-4
+        np.testing.assert_array_equal(instances.numpy()[n][clear], expected_ids[clear])
+
+
+def test_paste_instances_gives_overlaps_to_the_higher_score():
     masks = np.zeros((1, 3, 4, 4), np.float32)
-    masks[0, 0, :2] = 0.9   # best detection: top half
-    masks[0, 1, 1:] = 0.8   # overlaps row 1, which stays with detection 0
-    masks[0, 2] = 0.95      # invalid (padding) detection, ignored
-    instances, probabilities = inference.instance_map(masks, tf.constant([[True, True, False]]), 0.5)
-    np.testing.assert_array_equal(instances.numpy()[0], [[1] * 4, [1] * 4, [2] * 4, [2] * 4])
-    np.testing.assert_allclose(probabilities.numpy()[0, :, 0], [0.9, 0.9, 0.8, 0.8])
+    masks[0, 0] = 0.9    # best detection
+    masks[0, 1] = 0.8    # its box overlaps the best one's lower half
+    masks[0, 2] = 0.95   # invalid (padding) detection, ignored
+    boxes = np.array([[[0.0, 0.0, 8.0, 8.0], [4.0, 0.0, 12.0, 8.0], [0.0, 0.0, 12.0, 8.0]]], np.float32)
+    instances, probabilities = inference.paste_instances(
+        masks, boxes, tf.constant([[True, True, False]]), 12, 8, 0.5)
+    ids = instances.numpy()[0]
+    first = _reference_paste(masks[0, :1], boxes[0, :1], [True], 12, 8, 0.5)[0] == 1
+    second = _reference_paste(masks[0, 1:2], boxes[0, 1:2], [True], 12, 8, 0.5)[0] == 1
+    assert (first & second).any()
+    assert (ids[first] == 1).all()
+    assert (ids[second & ~first] == 2).all() and (second & ~first).any()
+    assert (ids[~first & ~second] == 0).all()
+    assert probabilities.numpy().max() == np.float32(0.9)

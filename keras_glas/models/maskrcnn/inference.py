@@ -1,4 +1,4 @@
-"""Graph post-processing: RPN proposals, detection NMS, mask pasting and the instance map."""
+"""Graph post-processing: RPN proposals, detection NMS, mask pasting into the instance map."""
 import tensorflow as tf
 
 from keras_glas.models.maskrcnn import boxes as box_ops
@@ -68,58 +68,98 @@ def detect(class_logits, deltas, proposals, proposal_valid, height, width, score
     return boxes[:, :kept], scores[:, :kept], tf.cast(classes[:, :kept], tf.int32), count
 
 
-def paste_masks(masks, boxes, height, width):
-    """Resample fixed-size mask probabilities into their boxes on the full image canvas.
+def _paste_window(box, size, height, width):
+    """Pixel window a mask pasted into `box` can touch, and its sampling box.
 
-    One `crop_and_resize` per call: each mask is the "image", and its "crop box" maps the whole
-    canvas into mask coordinates, so pixel (y, x) reads the mask bilinearly at
-    `((y + 0.5 - y1) * S / h - 0.5, ...)`. Masks get a zero border first (as torchvision's
-    `paste_masks_in_image`) so they fade to 0 at the box edge instead of being cut.
+    Pixel (y, x) of the canvas reads the (size x size) mask bilinearly at mask coordinates
+    `((y + 0.5 - y1) * size / h - 0.5, ...)`; with a zero border around the mask (as
+    torchvision's `paste_masks_in_image`) the mask fades to 0 at the box edge, so only pixels
+    within half a mask cell (plus half a pixel) of the box can be non-zero.
 
     Args:
-        masks: float32 (M, S, S) probabilities.
-        boxes: float32 (M, 4) pixel yxyx.
+        box: float32 (4,) pixel yxyx.
+        size: int, mask side S.
         height, width: scalar int32 canvas size.
 
     Returns:
-        float32 (M, height, width).
+        `(top, left, rows, columns)` int32 scalars of the window (at least 1 x 1, inside the
+        canvas), and float32 (4,) the window's first and last pixel centres in normalised
+        coordinates of the zero-bordered (S + 2) mask, for `tf.image.crop_and_resize`.
     """
-    size = masks.shape[-1]
-    padded = tf.pad(masks, [[0, 0], [1, 1], [1, 1]])[..., None]
-    box_h = tf.maximum(boxes[:, 2] - boxes[:, 0], 1e-3)
-    box_w = tf.maximum(boxes[:, 3] - boxes[:, 1], 1e-3)
-    last_y = tf.cast(height, tf.float32) - 0.5
-    last_x = tf.cast(width, tf.float32) - 0.5
-    # +1 for the zero border; divide by size + 1 = padded side - 1 for crop_and_resize's scale.
-    y_start = ((0.5 - boxes[:, 0]) * size / box_h + 0.5) / (size + 1)
-    x_start = ((0.5 - boxes[:, 1]) * size / box_w + 0.5) / (size + 1)
-    y_end = ((last_y - boxes[:, 0]) * size / box_h + 0.5) / (size + 1)
-    x_end = ((last_x - boxes[:, 1]) * size / box_w + 0.5) / (size + 1)
-    canvas = tf.image.crop_and_resize(
-        padded, tf.stack([y_start, x_start, y_end, x_end], axis=1), tf.range(tf.shape(masks)[0]),
-        tf.stack([height, width]), extrapolation_value=0.0,
-    )
-    return canvas[..., 0]
+    box_h = tf.maximum(box[2] - box[0], 1e-3)
+    box_w = tf.maximum(box[3] - box[1], 1e-3)
+    margin_y = 0.5 + 0.5 * box_h / size
+    margin_x = 0.5 + 0.5 * box_w / size
+    top = tf.clip_by_value(tf.cast(tf.floor(box[0] - margin_y), tf.int32), 0, height - 1)
+    left = tf.clip_by_value(tf.cast(tf.floor(box[1] - margin_x), tf.int32), 0, width - 1)
+    bottom = tf.clip_by_value(tf.cast(tf.math.ceil(box[2] + margin_y), tf.int32), top + 1, height)
+    right = tf.clip_by_value(tf.cast(tf.math.ceil(box[3] + margin_x), tf.int32), left + 1, width)
+
+    def normalised(pixel, start, side):
+        # Mask coordinate of the pixel centre, +1 for the zero border, over the bordered
+        # mask's index span (S + 1) as crop_and_resize measures it.
+        return ((tf.cast(pixel, tf.float32) + 0.5 - start) * size / side + 0.5) / (size + 1)
+
+    crop_box = tf.stack([normalised(top, box[0], box_h), normalised(left, box[1], box_w),
+                         normalised(bottom - 1, box[0], box_h), normalised(right - 1, box[1], box_w)])
+    return top, left, bottom - top, right - left, crop_box
 
 
-def instance_map(masks, valid, threshold):
-    """Merge score-sorted full-size masks into one label map per image.
+def paste_instances(masks, boxes, valid, height, width, threshold):
+    """Paste score-sorted mask probabilities into their boxes and merge them into label maps.
+
+    Each mask is resampled only over the window of the canvas its box can touch
+    (`_paste_window`), so the cost grows with the boxes' area, not with detections x H x W:
+    detections are painted from the lowest score up, each overwriting the pixels where its
+    probability exceeds `threshold`, so overlaps end with the highest-scoring detection.
 
     Args:
-        masks: float32 (B, D, H, W) probabilities, detections sorted by decreasing score.
-        valid: bool (B, D).
+        masks: float32 (B, D, S, S) probabilities, detections sorted by decreasing score.
+        boxes: float32 (B, D, 4) pixel yxyx.
+        valid: bool (B, D); invalid detections are skipped.
+        height, width: scalar int32 canvas size.
         threshold: float, a pixel belongs to a detection where its probability exceeds this.
 
     Returns:
-        `(instances int32 (B, H, W), probabilities float32 (B, H, W))`: where masks overlap the
-        pixel goes to the highest-scoring detection; id k + 1 is detection k (0 = background);
-        probabilities are the per-pixel maximum over valid detections.
+        `(instances int32 (B, H, W), probabilities float32 (B, H, W))`: id k + 1 is detection
+        k (0 = background); probabilities are the per-pixel maximum over valid detections.
     """
-    masks = tf.where(valid[:, :, None, None], masks, 0.0)
-    inside = masks > threshold
-    num = tf.shape(masks)[1]
-    # Rank D..1 so argmax picks the first (best-scoring) detection covering the pixel.
-    rank = tf.reshape(num - tf.range(num), (1, -1, 1, 1))
-    winner = tf.argmax(tf.where(inside, rank, 0), axis=1, output_type=tf.int32)
-    instances = tf.where(tf.reduce_any(inside, axis=1), winner + 1, 0)
-    return instances, tf.reduce_max(masks, axis=1)
+    size = masks.shape[-1]
+    shape = tf.shape(masks)
+    detections = shape[1]
+    total = shape[0] * detections
+    padded = tf.reshape(tf.pad(masks, [[0, 0], [0, 0], [1, 1], [1, 1]]), (-1, size + 2, size + 2, 1))
+    flat_boxes = tf.reshape(boxes, (-1, 4))
+    flat_valid = tf.reshape(valid, (-1,))
+    canvas_shape = tf.stack([shape[0], height, width])
+
+    def paint(index, instances, probabilities):
+        image, rank = index // detections, index % detections
+        top, left, rows, columns, crop_box = _paste_window(flat_boxes[index], size, height, width)
+        window = tf.image.crop_and_resize(
+            padded[index][None], crop_box[None], [0], tf.stack([rows, columns]),
+            extrapolation_value=0.0)[0, :, :, 0]
+        begin = tf.stack([image, top, left])
+        end = begin + tf.stack([1, rows, columns])
+        window_shape = tf.stack([1, rows, columns])
+        old_ids = tf.slice(instances, begin, window_shape)
+        old_probabilities = tf.slice(probabilities, begin, window_shape)
+        new_ids = tf.where(window[None] > threshold, rank + 1, old_ids)
+        new_probabilities = tf.maximum(old_probabilities, window[None])
+        strides = tf.ones(3, tf.int32)
+        instances = tf.raw_ops.TensorStridedSliceUpdate(
+            input=instances, begin=begin, end=end, strides=strides, value=new_ids)
+        probabilities = tf.raw_ops.TensorStridedSliceUpdate(
+            input=probabilities, begin=begin, end=end, strides=strides, value=new_probabilities)
+        return instances, probabilities
+
+    def body(index, instances, probabilities):
+        instances, probabilities = tf.cond(
+            flat_valid[index], lambda: paint(index, instances, probabilities),
+            lambda: (instances, probabilities))
+        return index - 1, instances, probabilities
+
+    _, instances, probabilities = tf.while_loop(
+        lambda index, *_: index >= 0, body,
+        (total - 1, tf.zeros(canvas_shape, tf.int32), tf.zeros(canvas_shape, tf.float32)))
+    return instances, probabilities

@@ -108,15 +108,16 @@ class MaskRCNN(keras.Model):
         return list(self.trackers.values())
 
     # ----------------------------------------------------------------------------- features
-    def _features(self, images, training):
-        """Normalise, pad to SIZE_DIVISOR and run backbone+FPN -> float32 [P2..P6], padded size."""
+    def _features(self, images, training, feature_model=None):
+        """Normalise, pad to SIZE_DIVISOR and run backbone+FPN (`feature_model`, default the
+        model's own) -> float32 [P2..P6], padded size."""
         images = tf.cast(images, tf.float32)
         images = (images - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
         shape = tf.shape(images)
         pad_h = -shape[1] % SIZE_DIVISOR
         pad_w = -shape[2] % SIZE_DIVISOR
         images = tf.pad(images, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
-        features = self.feature_model(images, training=training)
+        features = (feature_model or self.feature_model)(images, training=training)
         return [tf.cast(level, tf.float32) for level in features], shape[1] + pad_h, shape[2] + pad_w
 
     def _rpn(self, features, padded_height, padded_width):
@@ -225,13 +226,16 @@ class MaskRCNN(keras.Model):
 
     # ---------------------------------------------------------------------------- inference
     @DO_NOT_CONVERT
-    def infer(self, images, score_threshold=None):
+    def infer(self, images, score_threshold=None, feature_model=None):
         """Detect and segment objects in images of any size.
 
         Args:
             images: float32 (N, H, W, 3) in [0, 1].
             score_threshold: detections below this score are dropped (default: the
                 `score_threshold` option).
+            feature_model: a stand-in for `self.feature_model` computing the same function,
+                e.g. its copy with batch norms folded (`keras_glas.models.fold_batch_norm`)
+                that exported SavedModels run.
 
         Returns:
             dict: `instances` int32 (N, H, W) (id k + 1 = detection k, overlaps go to the
@@ -244,7 +248,7 @@ class MaskRCNN(keras.Model):
         images = tf.convert_to_tensor(images, tf.float32)
         shape = tf.shape(images)
         height, width = shape[1], shape[2]
-        features, padded_h, padded_w = self._features(images, training=False)
+        features, padded_h, padded_w = self._features(images, False, feature_model)
         objectness, deltas, anchors = self._rpn(features, padded_h, padded_w)
         proposals, proposal_valid = inference.propose(
             objectness, deltas, anchors, height, width, o["rpn_pre_nms_top_n_test"],
@@ -259,10 +263,9 @@ class MaskRCNN(keras.Model):
         valid = tf.range(tf.shape(boxes)[1])[None, :] < count[:, None]
         mask_logits = self.mask_head(self._pool(features, boxes, MASK_POOL_SIZE))
         masks = tf.sigmoid(select_class(mask_logits, tf.reshape(classes, (-1,))))
-        flat_boxes = tf.reshape(boxes, (-1, 4))
-        canvas = inference.paste_masks(masks, flat_boxes, height, width)
-        canvas = tf.reshape(canvas, (shape[0], -1, height, width))
-        instances, probabilities = inference.instance_map(canvas, valid, o["mask_threshold"])
+        masks = tf.reshape(masks, (shape[0], -1) + tuple(masks.shape[1:]))
+        instances, probabilities = inference.paste_instances(
+            masks, boxes, valid, height, width, o["mask_threshold"])
         return {
             "instances": instances,
             "probabilities": probabilities,
