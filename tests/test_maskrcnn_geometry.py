@@ -1,4 +1,5 @@
 """Mask R-CNN geometry and targets: anchors, box coding, matching, RoIAlign, mask targets, pasting."""
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -263,3 +264,19 @@ def test_paste_instances_gives_overlaps_to_the_higher_score():
     assert (ids[second & ~first] == 2).all() and (second & ~first).any()
     assert (ids[~first & ~second] == 0).all()
     assert probabilities.numpy().max() == np.float32(0.9)
+
+
+def test_upsample_2x_equals_a_2x2_stride_2_transposed_convolution():
+    from keras_glas.models.maskrcnn.heads import upsample_2x
+
+    rng = np.random.default_rng(6)
+    features = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+    transposed = keras.layers.Conv2DTranspose(4, 2, strides=2, activation="relu")
+    expected = transposed(features).numpy()
+    inputs = keras.Input((5, 5, 3))
+    shuffled = keras.Model(inputs, upsample_2x(inputs, 4, 5, "zeros", name="up"))
+    kernel, bias = transposed.get_weights()  # (2, 2, out, in), (out,)
+    # Output pixel (2 i + a, 2 j + b), channel c reads kernel[a, b, c]: 1x1 channel (2 a + b) * 4 + c.
+    shuffled.get_layer("up").set_weights([
+        kernel.transpose(3, 0, 1, 2).reshape(1, 1, 3, 16), np.tile(bias, 4)])
+    np.testing.assert_allclose(shuffled(features).numpy(), expected, atol=1e-5)
