@@ -4,8 +4,8 @@ At inference a `BatchNormalization` is a per-channel affine map, so `BN(conv(x))
 convolution with a rescaled kernel and a bias. Folding removes two element-wise passes over
 every activation and lets TensorFlow's grappler fuse the convolution, its bias and the ReLU
 after it into one kernel (`_FusedConv2D`): the Mask R-CNN's ResNet-50-FPN takes ~10% less time
-on a 775x522 image on 2 CPU cores (0.88 -> 0.80 s). Exported SavedModels (`keras_glas.export`) are built from folded copies; the
-trained models are never changed.
+on a 775x522 image on 2 CPU cores (0.88 -> 0.80 s). Exported SavedModels (`keras_glas.export`)
+are built from folded copies; the trained models are never changed.
 """
 import keras
 import numpy as np
@@ -93,4 +93,3 @@ def fold_batch_norms(model):
 
     return keras.models.clone_model(model, clone_function=clone_function,
                                     call_function=call_function, recursive=True)
-

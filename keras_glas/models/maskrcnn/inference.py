@@ -140,8 +140,8 @@ def paste_instances(masks, boxes, valid, height, width, threshold):
             padded[index][None], crop_box[None], [0], tf.stack([rows, columns]),
             extrapolation_value=0.0)[0, :, :, 0]
         begin = tf.stack([image, top, left])
-        end = begin + tf.stack([1, rows, columns])
         window_shape = tf.stack([1, rows, columns])
+        end = begin + window_shape
         old_ids = tf.slice(instances, begin, window_shape)
         old_probabilities = tf.slice(probabilities, begin, window_shape)
         new_ids = tf.where(window[None] > threshold, rank + 1, old_ids)

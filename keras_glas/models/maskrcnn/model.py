@@ -117,7 +117,9 @@ class MaskRCNN(keras.Model):
         pad_h = -shape[1] % SIZE_DIVISOR
         pad_w = -shape[2] % SIZE_DIVISOR
         images = tf.pad(images, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
-        features = (feature_model or self.feature_model)(images, training=training)
+        if feature_model is None:
+            feature_model = self.feature_model
+        features = feature_model(images, training=training)
         return [tf.cast(level, tf.float32) for level in features], shape[1] + pad_h, shape[2] + pad_w
 
     def _rpn(self, features, padded_height, padded_width):
