@@ -482,7 +482,10 @@ def study_variants(postprocess: dict, has_contour: bool) -> dict[str, list[str]]
     (hole filling, small-object removal, touching-gland splitting by the contour head and by a
     distance-transform watershed); `config` is the config's own combination, and
     `config_split_<method>` the same with each other split method, so that the split's effect
-    on top of the other steps shows too.
+    on top of the other steps shows too. With a contour head, `split_contour_min_seed` and
+    `config_split_contour_min_seed` split along the contours from seeds of at least the study's
+    minimum object size only (a smaller seed cannot be a gland: it is a sliver cut off by a
+    noisy contour).
     """
     min_size = postprocess.get("min_size") or STUDY_MIN_SIZE
     off = ["min_size=0", "fill_holes=false", "split=none"]
@@ -495,6 +498,8 @@ def study_variants(postprocess: dict, has_contour: bool) -> dict[str, list[str]]
     splits = ["none", "watershed"] + (["contour"] if has_contour else [])
     if has_contour:
         variants["split_contour"] = [*off[:2], "split=contour"]
+        variants["split_contour_min_seed"] = [*off[:2], "split=contour",
+                                              f"min_seed_size={min_size}"]
     configured = {key: str(value).lower() if isinstance(value, bool) else str(value)
                   for key, value in postprocess.items()}
     variants["config"] = [f"{key}={value}" for key, value in configured.items()]
@@ -502,6 +507,10 @@ def study_variants(postprocess: dict, has_contour: bool) -> dict[str, list[str]]
         if split != configured.get("split"):
             variants[f"config_split_{split}"] = [
                 f"{key}={split if key == 'split' else value}" for key, value in configured.items()]
+    if has_contour:
+        with_min_seed = {**configured, "split": "contour", "min_seed_size": str(min_size)}
+        variants["config_split_contour_min_seed"] = [
+            f"{key}={value}" for key, value in with_min_seed.items()]
     return variants
 
 

@@ -4,11 +4,13 @@ Pipeline (the same rules in both implementations, so that they agree pixel for p
 
 1. threshold: `mask = probability > threshold` (compared in float32);
 2. instances: 8-connected components of `mask`, or
-   - `split="contour"`: components of `mask & ~(contour > contour_threshold)` are seeds, grown
-     back into `mask` by iterative label dilation: each step, every unlabelled mask pixel with a
+   - `split="contour"`: components of `mask & ~(contour > contour_threshold)` with at least
+     `min_seed_size` pixels are seeds, grown back into `mask` by iterative label dilation: each step, every unlabelled mask pixel with a
      labelled 8-neighbour takes the largest neighbouring label (labels being the raster index of
      each seed's first pixel, so the tie rule is "the seed that starts last wins"), until stable.
-     Mask components that contain no seed (e.g. all contour) are kept as their own instances;
+     Mask components that contain no seed (e.g. all contour) are kept as their own instances.
+     Dropping small seeds keeps a noisy contour map from cutting slivers off a gland: their
+     pixels go to the neighbouring seed instead;
    - `split="watershed"` (NumPy only): watershed of the negated Euclidean distance transform
      from its h-maxima (`watershed_h` pixels deep) inside `mask`;
 3. `fill_holes`: holes are the 4-connected background regions (the dual of 8-connected
@@ -49,6 +51,8 @@ class PostprocessOptions:
         split: `"none"`, `"contour"` (needs the contour head's probabilities) or `"watershed"`
             (NumPy only).
         contour_threshold: contour pixels are `contour > contour_threshold`, in (0, 1).
+        min_seed_size: `split="contour"` only: seed components with fewer pixels are dropped
+            (0 keeps every seed).
         watershed_h: depth in pixels of the distance-transform maxima that seed the watershed;
             larger values split less.
     """
@@ -58,6 +62,7 @@ class PostprocessOptions:
     fill_holes: bool = False
     split: str = "none"
     contour_threshold: float = 0.5
+    min_seed_size: int = 0
     watershed_h: float = 3.0
 
     def __post_init__(self):
@@ -65,11 +70,12 @@ class PostprocessOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
                 raise ValueError(f"PostprocessOptions.{name} must be in (0, 1), got {value!r}")
-        min_size = self.min_size
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(
-                f"PostprocessOptions.min_size must be an integer >= 0, got {min_size!r}"
-            )
+        for name in ("min_size", "min_seed_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"PostprocessOptions.{name} must be an integer >= 0, got {value!r}"
+                )
         if not isinstance(self.fill_holes, bool):
             raise ValueError(
                 f"PostprocessOptions.fill_holes must be true or false, got {self.fill_holes!r}"
@@ -188,8 +194,10 @@ def postprocess_instances(probability, contour=None, options=PostprocessOptions(
                 "postprocess_instances: split='contour' needs the contour probability map"
             )
         contour = _check_probability_map("contour", contour, probability.shape)
-        seeds = mask & ~(contour > np.float32(options.contour_threshold))
-        labels = _np_grow_labels(_np_components(seeds), mask)
+        seeds = _np_components(mask & ~(contour > np.float32(options.contour_threshold)))
+        if options.min_seed_size > 0:
+            seeds = _np_remove_small(seeds, options.min_seed_size)
+        labels = _np_grow_labels(seeds, mask)
         labels = _np_add_unlabelled_components(labels, mask)
     elif options.split == "watershed":
         labels = _np_watershed_labels(mask, options.watershed_h)
@@ -389,8 +397,10 @@ def tf_postprocess_instances(probability, contour=None, options=PostprocessOptio
                 "tf_postprocess_instances: split='contour' needs the contour probabilities"
             )
         contour = _batch_of_maps("tf_postprocess_instances", "contour", contour, tf.float32)
-        seeds = mask & ~(contour > options.contour_threshold)
-        labels = _grow_labels(_component_first_pixel_labels(seeds), mask)
+        seeds = _component_first_pixel_labels(mask & ~(contour > options.contour_threshold))
+        if options.min_seed_size > 0:
+            seeds = _remove_small(seeds, options.min_seed_size)
+        labels = _grow_labels(seeds, mask)
         labels = _add_unlabelled_components(labels, mask)
     else:
         labels = _component_first_pixel_labels(mask)

@@ -71,6 +71,8 @@ def test_options_are_validated():
             PostprocessOptions(**bad)
     with pytest.raises(ValueError, match="min_size must be an integer >= 0"):
         PostprocessOptions(min_size=-1)
+    with pytest.raises(ValueError, match="min_seed_size must be an integer >= 0"):
+        PostprocessOptions(min_seed_size=2.5)
     with pytest.raises(ValueError, match="none, contour, watershed"):
         PostprocessOptions(split="edges")
 
@@ -102,6 +104,7 @@ OPTIONS = [
     PostprocessOptions(split="contour"),
     PostprocessOptions(split="contour", contour_threshold=0.4, fill_holes=True, min_size=8),
     PostprocessOptions(threshold=0.4, split="contour", contour_threshold=0.7, fill_holes=True),
+    PostprocessOptions(split="contour", min_seed_size=20, fill_holes=True, min_size=8),
 ]
 
 
@@ -138,6 +141,21 @@ def test_contour_split_separates_touching_glands_and_grows_them_back():
     np.testing.assert_array_equal(tf_labels, labels)
     with pytest.raises(ValueError, match="needs the contour"):
         postprocess_instances(probability, None, options)
+
+
+def test_min_seed_size_gives_a_sliver_cut_off_by_a_contour_to_its_gland():
+    probability = np.zeros((20, 30), np.float32)
+    probability[4:16, 3:27] = 0.9
+    contour = np.zeros_like(probability)
+    contour[4:16, 24] = 0.9  # a spurious contour cuts a 12x2 sliver off the gland's right end
+    split = postprocess_instances(probability, contour, PostprocessOptions(split="contour"))
+    # Without a minimum, the sliver is a gland of its own (its contour column grown into it).
+    assert split.max() == 2 and (split == 2).sum() == 12 * 3
+    options = PostprocessOptions(split="contour", min_seed_size=25)
+    labels = postprocess_instances(probability, contour, options)
+    np.testing.assert_array_equal(labels, (probability > 0.5).astype(np.int32))
+    tf_labels = tf_postprocess_instances(probability[None], contour[None], options).numpy()[0]
+    np.testing.assert_array_equal(tf_labels, labels)
 
 
 def test_watershed_splits_two_touching_discs():

@@ -32,16 +32,20 @@ def test_study_variants_switch_one_step_on_at_a_time():
                   "contour_threshold": 0.5, "watershed_h": 3.0}
     variants = real_glas.study_variants(configured, has_contour=True)
     assert set(variants) == {"none", "fill_holes", "min_size", "split_watershed",
-                             "split_contour", "config", "config_split_none",
-                             "config_split_watershed"}
+                             "split_contour", "split_contour_min_seed", "config",
+                             "config_split_none", "config_split_watershed",
+                             "config_split_contour_min_seed"}
     assert variants["none"] == ["min_size=0", "fill_holes=false", "split=none"]
     assert variants["min_size"] == ["min_size=300", "fill_holes=false", "split=none"]
     assert variants["split_contour"] == ["min_size=0", "fill_holes=false", "split=contour"]
+    assert variants["split_contour_min_seed"] == [*variants["split_contour"], "min_seed_size=300"]
+    assert variants["config_split_contour_min_seed"] == [*variants["config"], "min_seed_size=300"]
     assert "fill_holes=true" in variants["config"] and "split=contour" in variants["config"]
     assert variants["config_split_none"] == [
         option.replace("split=contour", "split=none") for option in variants["config"]]
     without_head = real_glas.study_variants({**configured, "min_size": 0}, has_contour=False)
-    assert "split_contour" not in without_head and "config_split_contour" not in without_head
+    assert not {"split_contour", "config_split_contour", "split_contour_min_seed",
+                "config_split_contour_min_seed"} & set(without_head)
     assert without_head["min_size"][0] == f"min_size={real_glas.STUDY_MIN_SIZE}"
 
 
