@@ -28,6 +28,11 @@ BORDER_MAX_DISTANCE = 20
 _INTEGER_DTYPES = (tf.uint8, tf.uint16, tf.int32, tf.int64)
 
 
+class DatasetError(ValueError):
+    """The records of a prepared dataset are missing or damaged; the message names the dataset,
+    its files or data_dir, and the fix (rebuild or copy again)."""
+
+
 def make_dataset(
     source,
     split="train",
@@ -94,11 +99,12 @@ def make_dataset(
     Raises:
         ValueError: unknown model, bad sizes, an unknown dataset or split, a dataset not prepared
             in `data_dir`, or a `tf.data.Dataset` whose elements do not look like examples.
-        ValueError: also for TFRecord files of the split that are missing or truncated.
+        DatasetError (a ValueError): TFRecord files of the split that are missing or truncated.
         tf.errors.InvalidArgumentError (when iterating): an example whose image and instance map
             disagree in size, or with more than `max_instances` instances; the message names it.
         tf.errors.DataLossError (when iterating): a damaged record inside a file of the right
-            size (TensorFlow's own error, "corrupted record at <offset>").
+            size (TensorFlow's own error, "corrupted record at <offset>"; `keras_glas.train`
+            turns it into a `DatasetError` naming the dataset).
     """
     if model not in MODELS:
         raise ValueError(f"make_dataset: model must be one of {MODELS}, got {model!r}")
@@ -257,13 +263,13 @@ def _check_record_files(builder, split, name):
             continue
         missing = [path for path in paths if not tf.io.gfile.exists(path)]
         if missing:
-            raise ValueError(
+            raise DatasetError(
                 f"make_dataset: {name!r} is missing record files {missing}; rebuild it (tfds build)"
             )
         size = sum(tf.io.gfile.stat(path).length for path in paths)
         expected = int(split_info.num_bytes) + _TFRECORD_OVERHEAD_BYTES * split_info.num_examples
         if size != expected:
-            raise ValueError(
+            raise DatasetError(
                 f"make_dataset: corrupt records in {name!r} split {split_info.name!r}: its files "
                 f"{paths} hold {size} bytes, {expected} were written (truncated or damaged copy); "
                 "rebuild it (tfds build) or copy the files again"

@@ -37,6 +37,7 @@ from keras_glas.config import (
     load_config,
     save_config,
 )
+from keras_glas.data import DatasetError
 
 DATASETS = ("glas", "glas/synthetic", "glas/binary_masks")
 SYNTHETIC = "glas/synthetic"
@@ -335,19 +336,44 @@ def _monitor_mode(monitor: str) -> str:
     return "min" if "loss" in monitor or "hausdorff" in monitor else "max"
 
 
+def logged_values(history_path: Path, monitor: str, first_epoch: int = 0) -> list[tuple[int, float]]:
+    """`(epoch, value)` of `monitor` for every epoch from `first_epoch` on that `history.csv`
+    logged a finite value of it (none when the file is absent)."""
+    if not history_path.is_file():
+        return []
+    with history_path.open(newline="") as handle:
+        # CSVLogger writes "NA" for epochs without a value (GlaS metrics are not every epoch).
+        rows = [(int(row["epoch"]), row.get(monitor) or "NA") for row in csv.DictReader(handle)]
+    values = [(epoch, float(text)) for epoch, text in rows if epoch >= first_epoch and text != "NA"]
+    return [(epoch, value) for epoch, value in values if math.isfinite(value)]
+
+
 def best_logged_value(history_path: Path, monitor: str) -> float | None:
     """The best value of `monitor` in `history.csv` (None when absent), so the best checkpoint
     of a resumed or fine-tune stage only replaces a better one."""
-    if not history_path.is_file():
-        return None
-    with history_path.open(newline="") as handle:
-        # CSVLogger writes "NA" for epochs without a value (GlaS metrics are not every epoch).
-        texts = [row.get(monitor) or "NA" for row in csv.DictReader(handle)]
-    values = [float(text) for text in texts if text != "NA"]
-    values = [value for value in values if math.isfinite(value)]
+    values = [value for _, value in logged_values(history_path, monitor)]
     if not values:
         return None
     return min(values) if _monitor_mode(monitor) == "min" else max(values)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """`EarlyStopping` that carries on counting after an interrupted run is resumed.
+
+    Keras resets the patience counter in `on_train_begin`, so a run killed and resumed every
+    few epochs would never stop. This one replays the monitor values that `history.csv` logged
+    for its stage (epochs from `first_epoch` on) through `EarlyStopping`'s own rule first.
+    """
+
+    def __init__(self, history_path: Path, first_epoch: int, **kwargs):
+        super().__init__(**kwargs)
+        self.history_path = Path(history_path)
+        self.first_epoch = first_epoch
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for epoch, value in logged_values(self.history_path, self.monitor, self.first_epoch):
+            self.on_epoch_end(epoch, {self.monitor: value})
 
 
 def make_callbacks(run_dir: Path, config: Config, stage: Stage) -> list:
@@ -374,8 +400,9 @@ def make_callbacks(run_dir: Path, config: Config, stage: Stage) -> list:
         WeightsCheckpoint(run_dir / "checkpoints" / "last.weights.h5"),
     ]
     if train.early_stopping_patience is not None:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor, patience=train.early_stopping_patience, mode=mode))
+        callbacks.append(ResumableEarlyStopping(
+            history, stage.initial_epoch, monitor=monitor,
+            patience=train.early_stopping_patience, mode=mode))
     if train.lr_schedule == "cosine":
         span = stage.epochs - stage.initial_epoch
         callbacks.append(keras.callbacks.LearningRateScheduler(
@@ -440,16 +467,27 @@ def train(config: Config, run_dir, strategy: tf.distribute.Strategy | None = Non
             # fit() starts at the epoch BackupAndRestore restored into the model, if any; clear
             # what a previous stage left there.
             model._initial_epoch = None
-            histories.append(model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=stage.epochs,
-                initial_epoch=stage.initial_epoch,
-                steps_per_epoch=config.train.steps_per_epoch,
-                callbacks=make_callbacks(run_dir, config, stage),
-                shuffle=False,  # make_dataset shuffles; fit() cannot shuffle a tf.data input
-                verbose=verbose,
-            ))
+            try:
+                histories.append(model.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    epochs=stage.epochs,
+                    initial_epoch=stage.initial_epoch,
+                    steps_per_epoch=config.train.steps_per_epoch,
+                    callbacks=make_callbacks(run_dir, config, stage),
+                    shuffle=False,  # make_dataset shuffles; fit() cannot shuffle tf.data input
+                    verbose=verbose,
+                ))
+            except tf.errors.DataLossError as error:
+                # A flipped byte keeps the file size that make_dataset checks: TensorFlow
+                # finds it mid-epoch and names only an offset.
+                raise DatasetError(
+                    f"the records of {config.data.dataset!r} in data_dir "
+                    f"{config.data.data_dir or '~/tensorflow_datasets'!r} are damaged "
+                    f"({error.message.splitlines()[0]}); rebuild the dataset (tfds build "
+                    f"{config.data.dataset} --imports tfds_glas) or copy its files again. The "
+                    f"checkpoints of {run_dir} are kept: rerun the same command to resume"
+                ) from error
             marker.touch()
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -501,7 +539,7 @@ def main(argv=None):
                 f"pass a {args.model} config (e.g. configs/{args.model}.yaml) to --config"
             )
         histories = train(config, run_dir)
-    except ConfigError as error:
+    except (ConfigError, DatasetError) as error:
         sys.exit(f"keras_glas.train: error: {error}")
     if not histories:
         print(f"{run_dir} has finished training already; nothing to do.")

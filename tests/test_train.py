@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from keras_glas.config import ConfigError, load_config
 from keras_glas.data import make_dataset
 from keras_glas.models import build_model
 from keras_glas.train import (
+    ResumableEarlyStopping,
     compile_model,
     main,
     make_optimizer,
@@ -173,6 +175,41 @@ def test_contour_head_model_trains_with_weighted_bce(tmp_path, tiny_unet_config)
     [history] = train(config, tmp_path / "run", verbose=0)
     assert {"mask_loss", "contour_loss"} <= set(history.history)
     assert all(math.isfinite(value) for value in history.history["loss"])
+
+
+def test_early_stopping_counts_the_epochs_of_an_interrupted_run(tmp_path):
+    history = tmp_path / "history.csv"
+    history.write_text(
+        "epoch,val_glas_f1\n"
+        "0,0.9\n"  # an earlier stage: not this stage's best
+        "3,0.5\n4,0.6\n5,NA\n6,0.55\n7,0.58\n"  # this stage: best 0.6, then 2 worse
+    )
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    stopping = ResumableEarlyStopping(history, first_epoch=3, monitor="val_glas_f1",
+                                      patience=3, mode="max")
+    stopping.set_model(model)
+    model.stop_training = False
+    stopping.on_train_begin()
+    assert (stopping.best, stopping.best_epoch, stopping.wait) == (0.6, 4, 2)
+    assert not model.stop_training
+    stopping.on_epoch_end(8, {"val_glas_f1": 0.59})  # the third epoch without improvement
+    assert model.stop_training
+
+
+def test_a_damaged_record_mid_epoch_names_the_dataset_and_the_fix(tmp_path, synthetic_data_dir):
+    copy = tmp_path / "tfds"
+    shutil.copytree(synthetic_data_dir, copy)
+    (record,) = copy.glob("glas/synthetic/*/glas-train.tfrecord-*")
+    data = bytearray(record.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: passes make_dataset's check, fails the CRC
+    record.write_bytes(bytes(data))
+    result = run_cli(["unet", "--config", str(UNET_YAML), "--dataset", "glas/synthetic",
+                      "--data-dir", str(copy), "--run-dir", str(tmp_path / "run"),
+                      "--epochs", "1", *TINY_UNET], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "records of 'glas/synthetic'" in result.stderr and "damaged" in result.stderr
+    assert "tfds build glas/synthetic" in result.stderr
 
 
 def test_unprepared_real_dataset_and_wrong_config_are_clear_errors(tmp_path, capsys):
