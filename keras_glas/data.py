@@ -33,6 +33,19 @@ class DatasetError(ValueError):
     its files or data_dir, and the fix (rebuild or copy again)."""
 
 
+def damaged_records_error(name, data_dir, error):
+    """The `DatasetError` for a `tf.errors.DataLossError` met while reading `name`.
+
+    A flipped byte keeps the file size that `make_dataset` checks, so TensorFlow finds it only
+    when it reads the record, and its message names an offset, not the dataset.
+    """
+    return DatasetError(
+        f"the records of {name!r} in data_dir {data_dir or '~/tensorflow_datasets'!r} are "
+        f"damaged ({error.message.splitlines()[0]}); rebuild the dataset (tfds build {name} "
+        "--imports tfds_glas) or copy its files again"
+    )
+
+
 def make_dataset(
     source,
     split="train",
@@ -103,8 +116,8 @@ def make_dataset(
         tf.errors.InvalidArgumentError (when iterating): an example whose image and instance map
             disagree in size, or with more than `max_instances` instances; the message names it.
         tf.errors.DataLossError (when iterating): a damaged record inside a file of the right
-            size (TensorFlow's own error, "corrupted record at <offset>"; `keras_glas.train`
-            turns it into a `DatasetError` naming the dataset).
+            size (TensorFlow's own error, "corrupted record at <offset>"; training and
+            evaluation turn it into `damaged_records_error`'s `DatasetError`).
     """
     if model not in MODELS:
         raise ValueError(f"make_dataset: model must be one of {MODELS}, got {model!r}")

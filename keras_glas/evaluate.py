@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 from tqdm import tqdm
 
 from keras_glas import metrics
@@ -70,22 +71,27 @@ def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, ke
     Returns:
         list of `ScoredImage`, in dataset order.
     """
-    from keras_glas.data import make_dataset
+    from keras_glas.data import damaged_records_error, make_dataset
 
     examples = make_dataset(dataset, split=split, model="eval", data_dir=data_dir)
     total = int(examples.cardinality())
     scored = []
-    for example in tqdm(examples.as_numpy_iterator(), desc=split, unit="image",
-                        total=total if total > 0 else None, disable=not progress):
-        image = example["image"][0]
-        outputs = predictor(image)
-        if postprocess is None:
-            prediction = outputs["instances"]
-        else:
-            prediction = postprocess_instances(outputs["probabilities"], outputs.get("contour"), postprocess)
-        scored.append(ScoredImage(name=example["name"][0].decode(), prediction=prediction.astype(np.int32),
-                                  ground_truth=example["instances"][0].astype(np.int32),
-                                  image=image if keep_images else None))
+    try:
+        for example in tqdm(examples.as_numpy_iterator(), desc=split, unit="image",
+                            total=total if total > 0 else None, disable=not progress):
+            image = example["image"][0]
+            outputs = predictor(image)
+            if postprocess is None:
+                prediction = outputs["instances"]
+            else:
+                prediction = postprocess_instances(outputs["probabilities"], outputs.get("contour"),
+                                                   postprocess)
+            scored.append(ScoredImage(name=example["name"][0].decode(),
+                                      prediction=prediction.astype(np.int32),
+                                      ground_truth=example["instances"][0].astype(np.int32),
+                                      image=image if keep_images else None))
+    except tf.errors.DataLossError as error:
+        raise damaged_records_error(dataset, data_dir, error) from error
     return scored
 
 

@@ -37,7 +37,7 @@ from keras_glas.config import (
     load_config,
     save_config,
 )
-from keras_glas.data import DatasetError
+from keras_glas.data import DatasetError, damaged_records_error
 
 DATASETS = ("glas", "glas/synthetic", "glas/binary_masks")
 SYNTHETIC = "glas/synthetic"
@@ -479,15 +479,8 @@ def train(config: Config, run_dir, strategy: tf.distribute.Strategy | None = Non
                     verbose=verbose,
                 ))
             except tf.errors.DataLossError as error:
-                # A flipped byte keeps the file size that make_dataset checks: TensorFlow
-                # finds it mid-epoch and names only an offset.
-                raise DatasetError(
-                    f"the records of {config.data.dataset!r} in data_dir "
-                    f"{config.data.data_dir or '~/tensorflow_datasets'!r} are damaged "
-                    f"({error.message.splitlines()[0]}); rebuild the dataset (tfds build "
-                    f"{config.data.dataset} --imports tfds_glas) or copy its files again. The "
-                    f"checkpoints of {run_dir} are kept: rerun the same command to resume"
-                ) from error
+                raise damaged_records_error(config.data.dataset, config.data.data_dir,
+                                            error) from error
             marker.touch()
     finally:
         keras.config.set_dtype_policy(previous_policy)

@@ -54,6 +54,27 @@ def synthetic_data_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def damaged_synthetic_copy(synthetic_data_dir, tmp_path):
+    """Makes a copy of the synthetic data_dir with one byte of a split's record file flipped.
+
+    `damaged_synthetic_copy("train")` returns the copy's path. The file keeps its size, so it
+    passes `make_dataset`'s size check and fails TensorFlow's CRC only when the record is read.
+    """
+    import shutil
+
+    def make(split):
+        copy = tmp_path / "damaged_tfds"
+        shutil.copytree(synthetic_data_dir, copy)
+        (record,) = copy.glob(f"glas/synthetic/*/glas-{split}.tfrecord-*")
+        data = bytearray(record.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        record.write_bytes(bytes(data))
+        return copy
+
+    return make
+
+
+@pytest.fixture
 def tiny_unet_config(synthetic_data_dir):
     """Makes a `Config` of the seed's U-Net recipe shrunk for CPU tests, plus overrides.
 

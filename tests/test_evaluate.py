@@ -77,6 +77,18 @@ def test_evaluate_postprocess_overrides_and_errors(saved_model, synthetic_data_d
     assert bad_model.value.code == 2
 
 
+def test_a_damaged_record_is_an_error_naming_the_dataset(saved_model, damaged_synthetic_copy,
+                                                         capsys):
+    copy = damaged_synthetic_copy("test_b")
+    with pytest.raises(SystemExit) as damaged:
+        evaluate.main([str(saved_model), "--split", "test_b", "--dataset", "glas/synthetic",
+                       "--data-dir", str(copy)])
+    assert damaged.value.code == 2
+    message = capsys.readouterr().err
+    assert "records of 'glas/synthetic'" in message and "damaged" in message
+    assert "tfds build glas/synthetic" in message
+
+
 def test_score_split_on_perfect_and_empty_predictions():
     gt = np.zeros((30, 40), np.int32)
     gt[2:10, 3:12] = 1
