@@ -1,6 +1,6 @@
 """Score an exported model on the GlaS test splits with the challenge metrics.
 
-`python -m keras_glas.evaluate MODEL --split test_a|test_b|all [--dataset glas|glas/synthetic|
+`python -m keras_glas.evaluate MODEL --split test_a|test_b|all|validation [--dataset glas|glas/synthetic|
 glas/binary_masks] [--data-dir D] [--json FILE] [--figures DIR] [--postprocess key=value ...]
 [--name ROW_NAME]`
 
@@ -19,6 +19,11 @@ table and writes them as JSON:
 "object_hausdorff", "count"}}, "test_b": {...}}`. `--figures DIR` saves the best, average
 (median) and worst prediction of each split by per-image object Dice: image, ground truth
 overlay, prediction overlay.
+
+`--split validation` scores the training images the run held out to select its checkpoint
+(`train[:K%]`, K from the run's `data.validation_fraction`, read from the SavedModel's copy of
+its `config.yaml`), under the key `validation`: post-processing can then be chosen on images
+the model never trained on, without looking at the test splits.
 """
 
 import argparse
@@ -34,11 +39,20 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from keras_glas import metrics
-from keras_glas.export import ensure_saved_model, postprocess_options, read_export_info
+from keras_glas.config import load_config
+from keras_glas.export import (
+    ASSETS_EXTRA_DIR,
+    CONFIG_FILE,
+    ensure_saved_model,
+    postprocess_options,
+    read_export_info,
+)
 from keras_glas.postprocess import postprocess_instances
 from keras_glas.predict import SavedModelPredictor, colour_overlay
 
 SPLITS = ("test_a", "test_b")
+# The held-out training images of the run (see the module docstring).
+VALIDATION = "validation"
 DATASETS = ("glas", "glas/synthetic", "glas/binary_masks")
 TABLE_COLUMNS = (("F1", "f1"), ("Obj. Dice", "object_dice"), ("Obj. Hausdorff", "object_hausdorff"),
                  ("Count", "count"))
@@ -119,7 +133,7 @@ def format_table(name, results):
     header = ["Model", "Split"] + [title for title, _ in TABLE_COLUMNS] + [
         f"Seed {title}" for title, _ in TABLE_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for split in SPLITS:
+    for split in (*SPLITS, VALIDATION):
         if split not in results:
             continue
         row = results[split]
@@ -181,6 +195,28 @@ def save_figures(scored, split, figures_dir):
     return written
 
 
+def validation_split(saved_model):
+    """The TFDS split `train[:K%]` that the SavedModel's training run held out for validation.
+
+    Raises:
+        ValueError: the SavedModel holds no training config, or its run had no validation split.
+    """
+    config_path = Path(saved_model) / ASSETS_EXTRA_DIR / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(
+            f"--split validation needs the training run's config, which {saved_model} does not "
+            f"hold ({ASSETS_EXTRA_DIR}/{CONFIG_FILE}); export the model from its run directory "
+            "with python -m keras_glas.export RUN_DIR OUT_DIR"
+        )
+    percent = load_config(config_path).data.validation_percent
+    if not percent:
+        raise ValueError(
+            f"--split validation: the run of {saved_model} held out no training images "
+            "(data.validation_fraction is 0); score test_a / test_b instead"
+        )
+    return f"train[:{percent}%]"
+
+
 def evaluate(model_path, splits=SPLITS, dataset="glas", data_dir=None, postprocess_overrides=(),
              figures_dir=None, name=None):
     """Evaluate MODEL (SavedModel, run dir or `.keras`) on `splits`; returns the JSON record."""
@@ -201,7 +237,10 @@ def evaluate(model_path, splits=SPLITS, dataset="glas", data_dir=None, postproce
             "postprocess": dataclasses.asdict(options) if options else info.get("postprocess"),
         }
         for split in splits:
-            scored = predict_split(predictor, dataset, split, data_dir, options,
+            tfds_split = split
+            if split == VALIDATION:
+                tfds_split = results["validation_split"] = validation_split(saved_model)
+            scored = predict_split(predictor, dataset, tfds_split, data_dir, options,
                                    keep_images=figures_dir is not None)
             if not scored:
                 raise ValueError(f"split {split} of {dataset} holds no image")
@@ -215,7 +254,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_glas.evaluate",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("model", metavar="MODEL", help="SavedModel dir, training run dir or .keras file")
-    parser.add_argument("--split", required=True, choices=(*SPLITS, "all"))
+    parser.add_argument("--split", required=True, choices=(*SPLITS, "all", VALIDATION),
+                        help="a test split, both (all), or the run's held-out training images")
     parser.add_argument("--dataset", default="glas", choices=DATASETS)
     parser.add_argument("--data-dir", default=None, help="TFDS data_dir")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the scores as JSON")

@@ -89,6 +89,30 @@ def test_a_damaged_record_is_an_error_naming_the_dataset(saved_model, damaged_sy
     assert "tfds build glas/synthetic" in message
 
 
+def test_validation_split_scores_the_runs_held_out_training_images(tiny_unet_config,
+                                                                    synthetic_data_dir, tmp_path):
+    from keras_glas.train import train
+
+    run_dir = tmp_path / "run"
+    train(tiny_unet_config("data.validation_fraction=0.25"), run_dir, verbose=0)
+    json_path = tmp_path / "validation.json"
+    status = evaluate.main([str(run_dir), "--split", "validation", "--dataset", "glas/synthetic",
+                            "--data-dir", synthetic_data_dir, "--json", str(json_path)])
+    assert status == 0
+    results = json.loads(json_path.read_text())
+    assert results["validation_split"] == "train[:25%]"
+    assert results["validation"]["n_images"] == 6  # a quarter of the 24 synthetic train images
+    assert "test_a" not in results and "test_b" not in results
+
+
+def test_validation_split_needs_the_runs_config(saved_model, synthetic_data_dir, capsys):
+    with pytest.raises(SystemExit) as missing:
+        evaluate.main([str(saved_model), "--split", "validation", "--dataset", "glas/synthetic",
+                       "--data-dir", synthetic_data_dir])
+    assert missing.value.code == 2
+    assert "needs the training run's config" in capsys.readouterr().err
+
+
 def test_score_split_on_perfect_and_empty_predictions():
     gt = np.zeros((30, 40), np.int32)
     gt[2:10, 3:12] = 1
