@@ -1,8 +1,8 @@
 """Score an exported model on the GlaS test splits with the challenge metrics.
 
-`python -m keras_glas.evaluate MODEL --split test_a|test_b|all|validation [--dataset glas|glas/synthetic|
-glas/binary_masks] [--data-dir D] [--json FILE] [--figures DIR] [--postprocess key=value ...]
-[--name ROW_NAME]`
+`python -m keras_glas.evaluate MODEL --split test_a|test_b|all|validation [--dataset glas|
+glas/synthetic|glas/binary_masks] [--data-dir D] [--json FILE] [--figures DIR]
+[--postprocess key=value ...] [--name ROW_NAME]`
 
 MODEL is a SavedModel written by `keras_glas.export`, or a training run directory / `.keras`
 file, which is exported to a temporary SavedModel first: every number comes from the artefact

@@ -5,9 +5,10 @@ Pipeline (the same rules in both implementations, so that they agree pixel for p
 1. threshold: `mask = probability > threshold` (compared in float32);
 2. instances: 8-connected components of `mask`, or
    - `split="contour"`: components of `mask & ~(contour > contour_threshold)` with at least
-     `min_seed_size` pixels are seeds, grown back into `mask` by iterative label dilation: each step, every unlabelled mask pixel with a
-     labelled 8-neighbour takes the largest neighbouring label (labels being the raster index of
-     each seed's first pixel, so the tie rule is "the seed that starts last wins"), until stable.
+     `min_seed_size` pixels are seeds, grown back into `mask` by iterative label dilation: each
+     step, every unlabelled mask pixel with a labelled 8-neighbour takes the largest
+     neighbouring label (labels being the raster index of each seed's first pixel, so the tie
+     rule is "the seed that starts last wins"), until stable.
      Mask components that contain no seed (e.g. all contour) are kept as their own instances.
      Dropping small seeds keeps a noisy contour map from cutting slivers off a gland: their
      pixels go to the neighbouring seed instead;

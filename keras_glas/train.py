@@ -336,7 +336,8 @@ def _monitor_mode(monitor: str) -> str:
     return "min" if "loss" in monitor or "hausdorff" in monitor else "max"
 
 
-def logged_values(history_path: Path, monitor: str, first_epoch: int = 0) -> list[tuple[int, float]]:
+def logged_values(history_path: Path, monitor: str,
+                  first_epoch: int = 0) -> list[tuple[int, float]]:
     """`(epoch, value)` of `monitor` for every epoch from `first_epoch` on that `history.csv`
     logged a finite value of it (none when the file is absent)."""
     if not history_path.is_file():
