@@ -502,15 +502,17 @@ def study_variants(postprocess: dict, has_contour: bool) -> dict[str, list[str]]
                                               f"min_seed_size={min_size}"]
     configured = {key: str(value).lower() if isinstance(value, bool) else str(value)
                   for key, value in postprocess.items()}
-    variants["config"] = [f"{key}={value}" for key, value in configured.items()]
+
+    def configured_with(**changes):
+        return [f"{key}={value}" for key, value in {**configured, **changes}.items()]
+
+    variants["config"] = configured_with()
     for split in splits:
         if split != configured.get("split"):
-            variants[f"config_split_{split}"] = [
-                f"{key}={split if key == 'split' else value}" for key, value in configured.items()]
+            variants[f"config_split_{split}"] = configured_with(split=split)
     if has_contour:
-        with_min_seed = {**configured, "split": "contour", "min_seed_size": str(min_size)}
-        variants["config_split_contour_min_seed"] = [
-            f"{key}={value}" for key, value in with_min_seed.items()]
+        variants["config_split_contour_min_seed"] = configured_with(
+            split="contour", min_seed_size=str(min_size))
     return variants
 
 
