@@ -23,3 +23,13 @@ def machine_info(cpuinfo=Path("/proc/cpuinfo")):
                 flags = set(value.split())
     return {"cpu_count": os.cpu_count(), "cpu_model": model,
             "cpu_flags": [flag for flag in VECTOR_FLAGS if flag in flags]}
+
+
+def save_results(path, results: dict) -> None:
+    """Writes a benchmark's results as JSON at `path` (temp file + rename), when a path is
+    given, and says where."""
+    if path:
+        from keras_glas.evaluate import write_json
+
+        write_json(path, results)
+        print(f"written to {path}")

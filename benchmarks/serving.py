@@ -36,7 +36,7 @@ from keras_glas import export
 from keras_glas.config import load_config
 from keras_glas.models import build_model
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, save_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GLAS_IMAGE = Path(os.environ.get("KERAS_GLAS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "glas")) / "testA_1.bmp"
@@ -151,11 +151,7 @@ def main(argv=None):
         print(f"  {name:<14} (image_size {row['image_size']}, network {width}x{height}): "
               f"SavedModel {row['savedmodel_s']:.3f} s   Keras forward {row['keras_forward_s']:.3f} s"
               f"   ratio {row['ratio']:.2f} (goal <= {GOAL_RATIO})   {row['n_instances']} instances")
-    if args.out:
-        from keras_glas.evaluate import write_json
-
-        write_json(args.out, results)
-        print(f"written to {args.out}")
+    save_results(args.out, results)
     return results
 
 

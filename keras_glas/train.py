@@ -254,15 +254,16 @@ def compile_model(model: keras.Model, config: Config, optimizer: keras.optimizer
     computes its own losses. Call inside `strategy.scope()`."""
     from keras_glas.losses import get_loss
 
+    jit_compile = config.train.jit_compile
     if config.model.name == "maskrcnn":
-        model.compile(optimizer=optimizer)
+        model.compile(optimizer=optimizer, jit_compile=jit_compile)
         return
     loss = {"mask": get_loss(config.train.loss)}
     if config.model.contour_head:
         loss["contour"] = get_loss("bce")
     metrics = {"mask": [keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5,
                                                 name="iou")]}
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
 
 
 def make_datasets(config: Config) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:

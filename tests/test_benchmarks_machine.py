@@ -1,5 +1,7 @@
-"""`benchmarks.machine.machine_info`: the machine record every benchmark JSON carries."""
-from benchmarks.machine import machine_info
+"""`benchmarks.machine`: the machine record every benchmark JSON carries, and how it is saved."""
+import json
+
+from benchmarks.machine import machine_info, save_results
 
 CPUINFO = """processor\t: 0
 model name\t: AMD EPYC 7B13
@@ -28,3 +30,13 @@ def test_bf16_machine_lists_its_extensions_in_a_fixed_order(tmp_path):
 def test_without_cpuinfo_the_model_is_unknown(tmp_path):
     info = machine_info(tmp_path / "missing")
     assert info["cpu_model"] is None and info["cpu_flags"] == []
+
+
+def test_results_are_saved_only_when_a_path_is_given(tmp_path, capsys):
+    save_results(None, {"s": 1.0})
+    assert capsys.readouterr().out == "" and not list(tmp_path.iterdir())
+    path = tmp_path / "nested" / "result.json"
+    save_results(path, {"s": 1.0})
+    assert json.loads(path.read_text()) == {"s": 1.0}
+    assert capsys.readouterr().out == f"written to {path}\n"
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temp file left

@@ -151,3 +151,17 @@ def test_unreadable_files_are_clear_errors(tmp_path):
         load_config(write(tmp_path, "data: [unclosed\n"))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_jit_compile_is_auto_or_a_bool_and_unet_only_when_forced(tmp_path):
+    assert load_config(None).train.jit_compile == "auto"
+    assert load_config(None, ["train.jit_compile=true"]).train.jit_compile is True
+    assert load_config(None, ["train.jit_compile=false"]).train.jit_compile is False
+    with pytest.raises(ConfigError, match=r"'train\.jit_compile' must be .*'auto'.*bool"):
+        load_config(None, ["train.jit_compile=yes_please"])
+    with pytest.raises(ConfigError, match=r"'train\.jit_compile' must be"):
+        load_config(None, ["train.jit_compile=1"])
+    path = write(tmp_path, "model:\n  name: maskrcnn\ntrain:\n  jit_compile: true\n")
+    with pytest.raises(ConfigError, match=rf"{path}.*U-Net only.*auto or false"):
+        load_config(path)
+    assert load_config(path, ["train.jit_compile=auto"]).train.jit_compile == "auto"

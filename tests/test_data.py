@@ -83,6 +83,15 @@ def test_contour_marks_boundaries_and_separates_touching_glands():
     assert contour[0, 0] == 0 and contour[19, 29] == 0  # far background
 
 
+def test_the_image_edge_is_not_a_contour():
+    labels = np.zeros((12, 16), np.int32)
+    labels[:, :6] = 1  # fills the left, top and bottom edges
+    contour = contour_map(tf.constant(labels)).numpy()
+    np.testing.assert_array_equal(contour[:, :4], 0)  # along the image edges
+    np.testing.assert_array_equal(contour[:, 4:7], 1)  # its one real boundary, 3 px wide
+    np.testing.assert_array_equal(contour[:, 7:], 0)
+
+
 def reference_border_weights(labels, w0=10.0, sigma=5.0):
     """The U-Net weight map with exact Euclidean distances (SciPy), border term on background."""
     ids = [i for i in np.unique(labels) if i > 0]

@@ -6,6 +6,7 @@ real data; the others check the configs and the driver's own logic without train
 """
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,9 @@ def test_smoke_chain_on_real_glas(shared_glas_dir, tmp_path):
     seed_f1 = gaps["seed"]["test_a"]["f1"]
     assert seed_f1["better_by"] == pytest.approx(record["test_a"]["seed"]["f1"] - 0.922)
     assert record["machine"]["logical_cores"] >= 1 and "tensorflow" in " ".join(record["versions"])
+    # The driver turns TensorFlow's oneDNN kernels on unless the caller chose otherwise.
+    assert record["environment"]["TF_ENABLE_ONEDNN_OPTS"] == os.environ.get(
+        "TF_ENABLE_ONEDNN_OPTS", "1")
 
     figures = sorted((out_dir / "figures" / "unet").iterdir())
     assert [path.name for path in figures] == sorted(

@@ -169,11 +169,19 @@ def test_mirrored_strategy_runs_both_stages(tmp_path, tiny_unet_config, two_cpu_
     assert np.isfinite(finetune.model.get_weights()[0]).all()
 
 
-def test_contour_head_model_trains_with_weighted_bce(tmp_path, tiny_unet_config):
-    config = tiny_unet_config("model.contour_head=true", "train.loss=weighted_bce")
-    [history] = train(config, tmp_path / "run", verbose=0)
-    assert {"mask_loss", "contour_loss"} <= set(history.history)
-    assert all(math.isfinite(value) for value in history.history["loss"])
+def test_contour_head_model_trains_with_weighted_bce_with_and_without_xla(tmp_path,
+                                                                         tiny_unet_config):
+    losses = {}
+    for jit_compile in ("false", "true"):
+        config = tiny_unet_config("model.contour_head=true", "train.loss=weighted_bce",
+                                  f"train.jit_compile={jit_compile}")
+        [history] = train(config, tmp_path / f"run_jit_{jit_compile}", verbose=0)
+        assert history.model.jit_compile is (jit_compile == "true")
+        assert {"mask_loss", "contour_loss"} <= set(history.history)
+        losses[jit_compile] = history.history["loss"]
+    assert all(math.isfinite(value) for value in losses["true"])
+    # Same seed, same batches: XLA changes only the rounding of the same computation.
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-3)
 
 
 def test_early_stopping_counts_the_epochs_of_an_interrupted_run(tmp_path):
