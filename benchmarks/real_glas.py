@@ -17,7 +17,8 @@ and its log):
    metrics (approximate: ground-truth instances are connected components, touching glands
    merge);
 5. U-Net only: the post-processing study, the same SavedModel re-scored with each
-   post-processing step alone and all together (`evaluate --postprocess`);
+   post-processing step alone and all together (`evaluate --postprocess`), on the test splits
+   and on the run's validation images, which alone pick a variant (`select_on_validation`);
 6. `python -m keras_glas.leaderboard` over every `OUT_DIR/real_glas_*.json`.
 
 Outputs in OUT_DIR: `real_glas_<model>.json` (the evaluate JSON plus the exact commands, the
@@ -51,6 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET = "glas/binary_masks"
 MODELS = ("unet", "maskrcnn")
 SPLITS = ("test_a", "test_b")
+VALIDATION_SPLIT = "validation"  # evaluate --split validation: the run's held-out train[:K%]
 FIGURE_LABELS = ("best", "average", "worst")
 ROW_NAMES = {"unet": "keras-glas U-Net (2-core CPU)", "maskrcnn": "keras-glas Mask R-CNN (2-core CPU)"}
 PACKAGES = ("keras-glas", "tensorflow-cpu", "tensorflow", "keras", "keras-cv",
@@ -77,6 +79,9 @@ SMOKE_TRAIN_ARGS = {
 TARGETS = {"seed": "DTU-MASKRCNN", "official": "CUMedVision2"}
 # +1: higher is better, -1: lower is better.
 METRIC_DIRECTIONS = {"f1": 1, "object_dice": 1, "object_hausdorff": -1}
+STUDY_NOTE = ("The test scores are for this report only: the exported model's post-processing "
+              "is the config's, chosen beforehand; selected_on_validation is chosen from the "
+              "validation scores alone.")
 # --smoke scores only these two ends of the post-processing study (each variant is a pass).
 SMOKE_STUDY_VARIANTS = ("none", "config")
 # Minimum object size (pixels at full resolution) of the study's small-object-removal variant
@@ -470,8 +475,8 @@ def train_command(model: str, paths: Paths, smoke: bool) -> list[str]:
 
 
 def evaluate_command(saved_model: Path, paths: Paths, json_path: Path, name: str,
-                     figures: Path | None = None, postprocess=()) -> list[str]:
-    argv = [sys.executable, "-m", "keras_glas.evaluate", str(saved_model), "--split", "all",
+                     figures: Path | None = None, postprocess=(), split="all") -> list[str]:
+    argv = [sys.executable, "-m", "keras_glas.evaluate", str(saved_model), "--split", split,
             "--dataset", DATASET, "--data-dir", str(paths.tfds_dir), "--json", str(json_path),
             "--name", name]
     if figures is not None:
@@ -527,28 +532,62 @@ def postprocess_study(model_dir: Path, saved_model: Path, paths: Paths, export_i
     """Scores the same SavedModel under each `study_variants` post-processing (or those named
     in `only`).
 
+    Each variant is scored on the test splits and on the run's validation images
+    (`evaluate --split validation`); `selected_on_validation` is the variant that
+    `select_on_validation` picks from the validation scores alone, so its test scores are an
+    honest estimate of choosing post-processing by this study.
+
     Returns:
-        `{"variants": {name: {"postprocess", "command", "seconds", "test_a", "test_b"}},
+        `{"variants": {name: {"postprocess", "command", "validation_command", "seconds",
+        "test_a", "test_b", "validation"}}, "selected_on_validation": {...},
         "deltas_vs_none": {name: {split: {metric: difference}}}, "helps": {...}}`.
     """
     variants = study_variants(export_info["postprocess"], "contour" in export_info["outputs"])
     if only is not None:
         variants = {name: options for name, options in variants.items() if name in only}
     study = {"model": row_name, "saved_model": str(saved_model),
-             "note": "Scored on the test splits for this report only: the exported model's "
-                     "post-processing is the config's, chosen beforehand, not from this table.",
-             "variants": {}}
+             "note": STUDY_NOTE, "variants": {}}
     for variant, options in variants.items():
         json_path = model_dir / "study" / f"{variant}.json"
         argv = evaluate_command(saved_model, paths, json_path, f"{row_name} [{variant}]",
                                 postprocess=options)
         seconds = run_stage(f"study-{variant}", argv, paths.log_dir)
         scores = json.loads(json_path.read_text())
+        validation_json = model_dir / "study" / f"{variant}_validation.json"
+        validation_argv = evaluate_command(saved_model, paths, validation_json,
+                                           f"{row_name} [{variant}]", postprocess=options,
+                                           split=VALIDATION_SPLIT)
+        seconds += run_stage(f"study-{variant}-validation", validation_argv, paths.log_dir)
         study["variants"][variant] = {
             "postprocess": scores["postprocess"], "command": display_command(argv),
-            "seconds": round(seconds, 1), **{split: scores[split] for split in SPLITS}}
+            "validation_command": display_command(validation_argv),
+            "seconds": round(seconds, 1), **{split: scores[split] for split in SPLITS},
+            VALIDATION_SPLIT: json.loads(validation_json.read_text())[VALIDATION_SPLIT]}
+    study["selected_on_validation"] = select_on_validation(study["variants"])
     study.update(compare_to_baseline(study["variants"]))
     return study
+
+
+def select_on_validation(variants: dict) -> dict:
+    """The variant with the best rank sum on the validation images' three official metrics.
+
+    The challenge's rule, applied to the study's variants: each metric ranks the variants (1 =
+    best; ties share the better rank), and the smallest sum of ranks wins; on equal sums, the
+    earlier variant of the study. Only the `validation` scores are read.
+
+    Returns:
+        `{"variant", "rank_sum", "rank_sums": {variant: sum}, "rule"}`.
+    """
+    rank_sums = dict.fromkeys(variants, 0)
+    for metric, direction in METRIC_DIRECTIONS.items():
+        values = {name: direction * scores[VALIDATION_SPLIT][metric]
+                  for name, scores in variants.items()}
+        for name, value in values.items():
+            rank_sums[name] += 1 + sum(other > value for other in values.values())
+    best = min(rank_sums, key=rank_sums.get)  # min keeps the first of equal sums
+    return {"variant": best, "rank_sum": rank_sums[best], "rank_sums": rank_sums,
+            "rule": "smallest rank sum of validation object F1, object Dice and object "
+                    "Hausdorff (official protocol, approximate) over the study's variants"}
 
 
 def compare_to_baseline(variants: dict) -> dict:

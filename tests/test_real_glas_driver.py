@@ -67,6 +67,25 @@ def test_compare_to_baseline_signs_and_majority_rule():
     assert result["helps"] == {"fill_holes": {"test_a": True, "test_b": False}}
 
 
+def test_selection_on_validation_ranks_by_the_challenge_rule_and_ignores_test_scores():
+    def variant(validation, test):
+        return {"validation": _scores(*validation), "test_a": _scores(*test),
+                "test_b": _scores(*test)}
+
+    variants = {
+        "none": variant((0.5, 0.8, 100.0), (0.9, 0.9, 10.0)),  # best on test only
+        "min_size": variant((0.7, 0.8, 90.0), (0.1, 0.1, 900.0)),  # ranks 1 + 2 + 1
+        "config": variant((0.6, 0.9, 95.0), (0.1, 0.1, 900.0)),  # ranks 2 + 1 + 2
+    }
+    selected = real_glas.select_on_validation(variants)
+    # F1 ranks min_size 1, config 2, none 3; Dice: config 1, the others tie at 2; Hausdorff
+    # (lower is better): min_size 1, config 2, none 3.
+    assert selected["rank_sums"] == {"none": 8, "min_size": 4, "config": 5}
+    assert selected["variant"] == "min_size" and selected["rank_sum"] == 4
+    tied = {"a": variant((0.5, 0.8, 100.0), (0, 0, 0)), "b": variant((0.5, 0.8, 100.0), (0, 0, 0))}
+    assert real_glas.select_on_validation(tied)["variant"] == "a"
+
+
 def test_learning_curve_stamps_rows_and_marks_resumed_ones(tmp_path):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss,val_loss,val_glas_f1\n0,1.0,1.5,0.25\n")
@@ -151,5 +170,9 @@ def test_smoke_chain_on_real_glas(shared_glas_dir, tmp_path):
     assert set(study["variants"]) == set(real_glas.SMOKE_STUDY_VARIANTS)
     assert study["variants"]["none"]["postprocess"]["split"] == "none"
     assert set(study["helps"]["config"]) == set(real_glas.SPLITS)
+    for scores in study["variants"].values():
+        assert "--split validation" in scores["validation_command"]
+        assert scores["validation"]["n_images"] >= 1
+    assert study["selected_on_validation"]["variant"] in real_glas.SMOKE_STUDY_VARIANTS
     assert "smoke unet" in (out_dir / "leaderboard.md").read_text()
     assert (out_dir / "leaderboard.png").read_bytes()[:8] == PNG_MAGIC
