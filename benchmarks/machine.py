@@ -1,9 +1,12 @@
-"""What machine a benchmark ran on, recorded in every benchmark's JSON.
+"""What machine a benchmark ran on, recorded in every benchmark's JSON, and the timing and
+saving helpers the benchmarks share.
 
 Timings only compare within one machine: the CPU's model and vector extensions (AVX-512,
 bfloat16 / AMX, which `precision: auto` uses) change them by 2x or more.
 """
 import os
+import statistics
+import time
 from pathlib import Path
 
 # Extensions that change TensorFlow's CPU speed, as /proc/cpuinfo names them.
@@ -33,3 +36,20 @@ def save_results(path, results: dict) -> None:
 
         write_json(path, results)
         print(f"written to {path}")
+
+
+def interleaved_median_seconds(functions, runs):
+    """Median wall time of each of `functions` over `runs` calls, after one warm-up call each.
+
+    The calls alternate (a, b, a, b, ...) so that a load change on a shared CPU hits both alike
+    and their ratio stays meaningful.
+    """
+    for function in functions:
+        function()
+    times = [[] for _ in functions]
+    for _ in range(runs):
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]

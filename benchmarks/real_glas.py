@@ -166,6 +166,12 @@ def subprocess_env() -> dict:
     return env
 
 
+def recorded_environment() -> dict:
+    """The `RECORDED_ENVIRONMENT` variables of the stages' environment (None where unset)."""
+    env = subprocess_env()
+    return {name: env.get(name) for name in RECORDED_ENVIRONMENT}
+
+
 def run_stage(name: str, argv: list[str], log_dir: Path, on_output=None) -> float:
     """Runs one CLI call, streaming its output to stdout and to `log_dir/<name>.log`.
 
@@ -572,18 +578,20 @@ def select_on_validation(variants: dict) -> dict:
     """The variant with the best rank sum on the validation images' three official metrics.
 
     The challenge's rule, applied to the study's variants: each metric ranks the variants (1 =
-    best; ties share the better rank), and the smallest sum of ranks wins; on equal sums, the
-    earlier variant of the study. Only the `validation` scores are read.
+    best; ties share the better rank; `keras_glas.leaderboard.competition_ranks`), and the
+    smallest sum of ranks wins; on equal sums, the earlier variant of the study. Only the
+    `validation` scores are read.
 
     Returns:
         `{"variant", "rank_sum", "rank_sums": {variant: sum}, "rule"}`.
     """
+    from keras_glas.leaderboard import competition_ranks
+
     rank_sums = dict.fromkeys(variants, 0)
     for metric, direction in METRIC_DIRECTIONS.items():
-        values = {name: direction * scores[VALIDATION_SPLIT][metric]
-                  for name, scores in variants.items()}
-        for name, value in values.items():
-            rank_sums[name] += 1 + sum(other > value for other in values.values())
+        values = [scores[VALIDATION_SPLIT][metric] for scores in variants.values()]
+        for name, rank in zip(variants, competition_ranks(values, direction > 0)):
+            rank_sums[name] += rank
     best = min(rank_sums, key=rank_sums.get)  # min keeps the first of equal sums
     return {"variant": best, "rank_sum": rank_sums[best], "rank_sums": rank_sums,
             "rule": "smallest rank sum of validation object F1, object Dice and object "
@@ -701,7 +709,7 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
         "figures": copied,
         "versions": package_versions(),
         "machine": machine_description(),
-        "environment": {name: subprocess_env().get(name) for name in RECORDED_ENVIRONMENT},
+        "environment": recorded_environment(),
     })
     write_json(paths.out_dir / f"real_glas_{model}.json", record)
     return record

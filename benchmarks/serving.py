@@ -24,9 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ from keras_glas import export
 from keras_glas.config import load_config
 from keras_glas.models import build_model
 
-from benchmarks.machine import machine_info, save_results
+from benchmarks.machine import interleaved_median_seconds, machine_info, save_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GLAS_IMAGE = Path(os.environ.get("KERAS_GLAS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "glas")) / "testA_1.bmp"
@@ -58,23 +56,6 @@ def benchmark_image():
                 for cy, cx, r in zip(rng.uniform(0, HEIGHT, 20), rng.uniform(0, WIDTH, 20), rng.uniform(15, 50, 20)))
     colour = np.stack([1 - field, 0.6 * (1 - field), 0.8 + 0 * field], -1).clip(0, 1)
     return (255 * colour).astype(np.uint8), "synthetic"
-
-
-def interleaved_median_seconds(functions, runs):
-    """Median wall time of each of `functions` over `runs` calls, after one warm-up call each.
-
-    The calls alternate (a, b, a, b, ...) so that a load change on a shared CPU hits both alike
-    and their ratio stays meaningful.
-    """
-    for function in functions:
-        function()
-    times = [[] for _ in functions]
-    for _ in range(runs):
-        for function, samples in zip(functions, times):
-            start = time.perf_counter()
-            function()
-            samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
 
 
 def keras_input(image, image_size, multiple):

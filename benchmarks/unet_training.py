@@ -13,19 +13,18 @@ warm-up steps (tracing and XLA compilation) are not timed, then `--steps` steps 
 is imported.
 
 Targets: the milliseconds `keras_glas.data.border_weight_map` and `contour_map` take (in a
-`tf.function`, median of 20) for one instance map at the training size holding a grid of 24
+`tf.function`, median of 20 interleaved calls after one warm-up each) for one instance map at the training size holding a grid of 24
 rectangular glands with 4 px gaps, about as crowded as a GlaS image.
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.machine import machine_info, save_results
+from benchmarks.machine import interleaved_median_seconds, machine_info, save_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "unet_glas_cpu.yaml"
@@ -84,18 +83,10 @@ def time_targets(size: int) -> dict:
     from keras_glas.data import border_weight_map, contour_map
 
     labels = tf.constant(crowded_instances(size))
-    results = {}
-    for name, function in (("border_weights_ms", border_weight_map),
-                           ("contour_ms", contour_map)):
-        compiled = tf.function(function)
-        compiled(labels)
-        times = []
-        for _ in range(TARGET_RUNS):
-            start = time.perf_counter()
-            compiled(labels).numpy()
-            times.append(time.perf_counter() - start)
-        results[name] = 1000 * statistics.median(times)
-    return results
+    functions = [tf.function(border_weight_map), tf.function(contour_map)]
+    seconds = interleaved_median_seconds([lambda f=f: f(labels).numpy() for f in functions],
+                                         TARGET_RUNS)
+    return {"border_weights_ms": 1000 * seconds[0], "contour_ms": 1000 * seconds[1]}
 
 
 def run_worker(config: str, jit_compile: bool, onednn: str, steps: int) -> dict:
