@@ -4,8 +4,10 @@ saving helpers the benchmarks share.
 Timings only compare within one machine: the CPU's model and vector extensions (AVX-512,
 bfloat16 / AMX, which `precision: auto` uses) change them by 2x or more.
 """
+import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,12 +30,21 @@ def machine_info(cpuinfo=Path("/proc/cpuinfo")):
             "cpu_flags": [flag for flag in VECTOR_FLAGS if flag in flags]}
 
 
-def save_results(path, results: dict) -> None:
-    """Writes a benchmark's results as JSON at `path` (temp file + rename), when a path is
-    given, and says where."""
-    if path:
-        from keras_glas.evaluate import write_json
+def write_json(path, data) -> None:
+    """Writes `data` as indented JSON at `path` through a temp file in the same dir + rename, so
+    that a failed run leaves no half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                     suffix=".tmp", delete=False) as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.replace(handle.name, path)
 
+
+def save_results(path, results: dict) -> None:
+    """`write_json(path, results)` when a path is given, and says where."""
+    if path:
         write_json(path, results)
         print(f"written to {path}")
 

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT.parent / "cache"
@@ -437,11 +437,7 @@ def main(argv=None):
     for key, value in results.items():
         print(f"{key:32s} {value}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as file:
-            json.dump(results, file, indent=2)
-        os.replace(file.name, out)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

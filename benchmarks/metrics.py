@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from scipy.spatial import cKDTree
 
 from keras_glas import metrics
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_json
 
 HEIGHT, WIDTH = 522, 775
 
@@ -198,15 +197,6 @@ def _timed(function, repeats: int):
     return result, best_wall, best_cpu
 
 
-def _write_json(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(handle.name, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="write the numbers to this JSON file")
@@ -251,7 +241,7 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        _write_json(args.out, result)
+        write_json(args.out, result)
     return result
 
 

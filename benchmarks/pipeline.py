@@ -18,7 +18,6 @@ alone; RSS is also sampled after every epoch to show that it does not grow.
 """
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_json
 
 SEED_CROP_PROBABILITY = 0.5
 MIN_CROP_FRACTION = 0.6  # the same window sizes as keras_glas.augment.AugmentOptions' default
@@ -241,15 +240,6 @@ def run_isolated(function, *args):
     return result
 
 
-def write_json(results, path):
-    """Writes `results` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n")
-    temporary.replace(path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -301,7 +291,7 @@ def main(argv=None):
             results["extra_ratio" if extra else "ratio"] = round(ratio, 2)
             print(f"{label:60s} ratio     {ratio:8.1f}x")
     results["load_average_at_end"] = os.getloadavg()[0]
-    write_json(results, args.out)
+    write_json(args.out, results)
     print(f"wrote {args.out}")
     return results
 

@@ -48,6 +48,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.machine import write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET = "glas/binary_masks"
 MODELS = ("unet", "maskrcnn")
@@ -130,16 +132,6 @@ class Paths:
 
 
 # ------------------------------------------------------------------------------ utilities
-def write_json(path: Path, data) -> None:
-    """Writes `data` as indented JSON at `path` through a temp file in the same dir + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False) as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(handle.name, path)
-
-
 def copy_file(source: Path, destination: Path) -> None:
     """Copies `source` to `destination` through a temp file + rename."""
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ keras_forward_s <= 1.5` at each scale.
 
 import argparse
 import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path

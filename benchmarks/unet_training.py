@@ -13,8 +13,9 @@ warm-up steps (tracing and XLA compilation) are not timed, then `--steps` steps 
 is imported.
 
 Targets: the milliseconds `keras_glas.data.border_weight_map` and `contour_map` take (in a
-`tf.function`, median of 20 interleaved calls after one warm-up each) for one instance map at the training size holding a grid of 24
-rectangular glands with 4 px gaps, about as crowded as a GlaS image.
+`tf.function`, median of 20 interleaved calls after one warm-up each) for one instance map at
+the training size holding a grid of 24 rectangular glands with 4 px gaps, about as crowded as
+a GlaS image.
 """
 import argparse
 import json
