@@ -4,12 +4,12 @@ saving helpers the benchmarks share.
 Timings only compare within one machine: the CPU's model and vector extensions (AVX-512,
 bfloat16 / AMX, which `precision: auto` uses) change them by 2x or more.
 """
-import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from keras_glas.atomic import write_json
 
 # Extensions that change TensorFlow's CPU speed, as /proc/cpuinfo names them.
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
@@ -28,18 +28,6 @@ def machine_info(cpuinfo=Path("/proc/cpuinfo")):
                 flags = set(value.split())
     return {"cpu_count": os.cpu_count(), "cpu_model": model,
             "cpu_flags": [flag for flag in VECTOR_FLAGS if flag in flags]}
-
-
-def write_json(path, data) -> None:
-    """Writes `data` as indented JSON at `path` through a temp file in the same dir + rename, so
-    that a failed run leaves no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False) as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(handle.name, path)
 
 
 def save_results(path, results: dict) -> None:

@@ -52,7 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import machine_info, write_json
+from benchmarks.machine import machine_info
+from keras_glas.atomic import write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT.parent / "cache"
@@ -233,7 +234,6 @@ def benchmark_ours(steps, image_size, batch_size, policy):
 
 def kcv_nightly_worker(steps, image_size, batch_size):
     """Runs inside the subprocess (keras-cv-nightly first on sys.path); prints a JSON line."""
-    import keras
     import keras_cv
 
     backbone = keras_cv.models.ResNetBackbone(

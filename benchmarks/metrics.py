@@ -27,7 +27,8 @@ from scipy.spatial import cKDTree
 
 from keras_glas import metrics
 
-from benchmarks.machine import machine_info, write_json
+from benchmarks.machine import machine_info
+from keras_glas.atomic import write_json
 
 HEIGHT, WIDTH = 522, 775
 

@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import machine_info, write_json
+from benchmarks.machine import machine_info
+from keras_glas.atomic import write_json
 
 SEED_CROP_PROBABILITY = 0.5
 MIN_CROP_FRACTION = 0.6  # the same window sizes as keras_glas.augment.AugmentOptions' default

@@ -48,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.machine import write_json
+from keras_glas.atomic import atomic_path, write_json, write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET = "glas/binary_masks"
@@ -134,10 +134,8 @@ class Paths:
 # ------------------------------------------------------------------------------ utilities
 def copy_file(source: Path, destination: Path) -> None:
     """Copies `source` to `destination` through a temp file + rename."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, destination)
+    with atomic_path(destination) as temp:
+        shutil.copyfile(source, temp)
 
 
 def display_command(argv: list[str]) -> str:
@@ -309,11 +307,9 @@ def plot_learning_curve(curve: list[dict], path: Path, title: str) -> bool:
     left.legend(handles=handles, loc="center right")
     left.set_title(title)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temp, dpi=100)
+    with atomic_path(path, suffix=".png") as temp:
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
-    os.replace(temp, path)
     return True
 
 
@@ -411,9 +407,7 @@ def link_subset(glas_dir: Path, subset_dir: Path, max_images: int) -> None:
     lines = (glas_dir / release.GRADE_FILE).read_text(encoding="utf-8-sig").splitlines()
     rows = [line for line in lines[1:] if line.split(",")[0].strip() in set(chosen)]
     grades = subset_dir / release.GRADE_FILE
-    temporary = grades.with_name(f".{grades.name}.tmp")
-    temporary.write_text("\n".join([lines[0], *rows]) + "\n", encoding="utf-8")
-    os.replace(temporary, grades)
+    write_text(grades, "\n".join([lines[0], *rows]) + "\n")
 
 
 def build_dataset(paths: Paths) -> tuple[float, str]:

@@ -18,7 +18,6 @@ key, the expected type and where the value came from (file or `--set`).
 import dataclasses
 import os
 import re
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Literal
 
 import yaml
 
+from keras_glas.atomic import write_text
 from keras_glas.augment import AugmentOptions
 from keras_glas.models.maskrcnn.model import DEFAULT_OPTIONS as MASKRCNN_HEAD_OPTIONS
 from keras_glas.postprocess import PostprocessOptions
@@ -448,11 +448,5 @@ def save_config(config: Config, path: str | os.PathLike):
 
     `load_config(path)` gives back an equal `Config`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+    write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False,
+                                    default_flow_style=False))

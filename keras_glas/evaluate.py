@@ -28,8 +28,6 @@ the model never trained on, without looking at the test splits.
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +37,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from keras_glas import metrics
+from keras_glas.atomic import atomic_path, write_json
 from keras_glas.config import load_config
 from keras_glas.export import (
     ASSETS_EXTRA_DIR,
@@ -143,16 +142,6 @@ def format_table(name, results):
     return "\n".join(lines)
 
 
-def write_json(path, data):
-    """Write `data` as JSON at `path` through a temp file in the same directory + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as handle:
-        json.dump(data, handle, indent=2, allow_nan=True)
-    os.replace(handle.name, path)
-
-
 def pick_examples(scored):
     """Best, average (median) and worst images by per-image object Dice: [(label, item, dice)]."""
     dice = np.array([metrics.object_dice(item.prediction, item.ground_truth) for item in scored])
@@ -187,10 +176,9 @@ def save_figures(scored, split, figures_dir):
         figure.suptitle(f"{split}: {label}")
         figure.tight_layout()
         path = figures_dir / f"{split}_{label}.png"
-        temporary = path.with_name(f".{path.name}.tmp")
-        figure.savefig(temporary, format="png", dpi=100)
+        with atomic_path(path) as temp:
+            figure.savefig(temp, format="png", dpi=100)
         plt.close(figure)
-        os.replace(temporary, path)
         written.append(path)
     return written
 

@@ -35,9 +35,10 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
+
+from keras_glas.atomic import atomic_path, write_text
 
 SPLITS = {"test_a": "A", "test_b": "B"}
 # (key in result JSONs, column prefix in the CSV, title, higher is better)
@@ -249,21 +250,6 @@ def leaderboard_markdown(tables: dict[str, list[RankedRow]]) -> str:
     return "\n".join(parts)
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(temp_path)` then rename the temp file onto `path` (same directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-
-
 def save_bar_chart(tables: dict[str, list[RankedRow]], path: str | os.PathLike) -> None:
     """PNG: one row of panels per protocol, one panel per metric, bars for test A and B.
 
@@ -297,7 +283,8 @@ def save_bar_chart(tables: dict[str, list[RankedRow]], path: str | os.PathLike) 
             axis.set_title(f"{metric_title} [{title}], {better} is better", fontsize=9)
             axis.legend(handles=legend, fontsize=7)
     figure.suptitle("GlaS@MICCAI'2015 leaderboard (ours in orange; light bars: test B)")
-    _atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png", dpi=100)
     plt.close(figure)
 
 
@@ -318,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = leaderboard_markdown(tables)
     print(text)
     if args.markdown:
-        _atomic_write(args.markdown, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+        write_text(args.markdown, text)
     if args.png:
         save_bar_chart(tables, args.png)
         print(f"bar chart written to {args.png}")

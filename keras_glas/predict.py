@@ -10,7 +10,6 @@ still written and the exit status is 1 at the end.
 """
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +18,8 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
+
+from keras_glas.atomic import atomic_path
 
 OVERLAY_ALPHA = 0.45
 
@@ -59,13 +60,8 @@ def colour_overlay(image, instances, alpha=OVERLAY_ALPHA):
 
 def write_png(path, array):
     """Write uint8 (H, W, 3) or uint16 (H, W) `array` as PNG at `path` via a temp file + rename."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        Image.fromarray(array).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temp:
+        Image.fromarray(array).save(temp, format="PNG")
 
 
 def instance_map_png(instances):

@@ -28,6 +28,7 @@ import tensorflow as tf
 import yaml
 
 import keras_glas
+from keras_glas.atomic import atomic_path
 from keras_glas.callbacks import GlasMetricsCallback, is_glas_log_name
 from keras_glas.config import (
     MODEL_NAMES,
@@ -327,10 +328,8 @@ class WeightsCheckpoint(keras.callbacks.Callback):
             if self.best is not None and self.sign * value >= self.sign * self.best:
                 return
             self.best = float(value)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(f".{self.path.name}.tmp.weights.h5")
-        self.model.save_weights(temp)
-        os.replace(temp, self.path)
+        with atomic_path(self.path, suffix=".weights.h5") as temp:
+            self.model.save_weights(temp)
 
 
 def _monitor_mode(monitor: str) -> str:
