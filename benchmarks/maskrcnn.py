@@ -52,8 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import machine_info
-from keras_glas.atomic import write_json
+from benchmarks.machine import machine_info, save_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT.parent / "cache"
@@ -436,8 +435,7 @@ def main(argv=None):
     results["load_average_at_end"] = list(os.getloadavg())
     for key, value in results.items():
         print(f"{key:32s} {value}")
-    if args.out:
-        write_json(args.out, results)
+    save_results(args.out, results)
 
 
 if __name__ == "__main__":

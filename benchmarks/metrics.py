@@ -27,8 +27,7 @@ from scipy.spatial import cKDTree
 
 from keras_glas import metrics
 
-from benchmarks.machine import machine_info
-from keras_glas.atomic import write_json
+from benchmarks.machine import machine_info, save_results
 
 HEIGHT, WIDTH = 522, 775
 
@@ -241,8 +240,7 @@ def main(argv=None) -> dict:
         "numpy": np.__version__,
     }
     print(json.dumps(result, indent=2))
-    if args.out:
-        write_json(args.out, result)
+    save_results(args.out, result)
     return result
 
 

@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import machine_info
-from keras_glas.atomic import write_json
+from benchmarks.machine import machine_info, save_results
 
 SEED_CROP_PROBABILITY = 0.5
 MIN_CROP_FRACTION = 0.6  # the same window sizes as keras_glas.augment.AugmentOptions' default
@@ -292,8 +291,7 @@ def main(argv=None):
             results["extra_ratio" if extra else "ratio"] = round(ratio, 2)
             print(f"{label:60s} ratio     {ratio:8.1f}x")
     results["load_average_at_end"] = os.getloadavg()[0]
-    write_json(args.out, results)
-    print(f"wrote {args.out}")
+    save_results(args.out, results)
     return results
 
 
