@@ -49,7 +49,7 @@ class AugmentOptions:
         min_crop_fraction: a crop keeps a fraction in [min_crop_fraction, 1] of each side
             (the same fraction for height and width, so the aspect ratio is kept).
         elastic: elastic deformation (smooth random displacement field).
-        elastic_alpha: standard deviation of the displacement, in pixels of the S×S output.
+        elastic_alpha: standard deviation of the displacement, in pixels of the output.
         elastic_sigma: correlation length of the displacement field, in pixels of the output.
         rotate_scale: random rotation about the centre and isotropic scaling.
         max_rotation_degrees: rotation angle drawn uniformly in [-max, max] degrees.
@@ -178,10 +178,13 @@ def _fitted_shape(shape, side):
     return tf.clip_by_value(tf.cast(tf.round(shape * scale), tf.int32), 1, side)
 
 
-def resize_with_pad(image, labels, size, antialias=True):
-    """Resizes image and labels to `size`×`size` keeping the aspect ratio, zero-padding the rest.
+def resize_with_pad(image, labels, size, antialias=True, height=None):
+    """Resizes image and labels so that the longer side is `size`, onto a `height`×`size` canvas.
 
-    The longer side becomes `size`; the content is centred. The image is resampled bilinearly,
+    The aspect ratio is kept and the content is centred: zero-padded where it is smaller than
+    the canvas, cropped where it is taller (a canvas lower than `size` suits landscape images
+    such as GlaS's, 775×522: at `size` 384 they are 384×259, so a 272-row canvas holds them
+    whole with 30% fewer pixels than the square). The image is resampled bilinearly,
     anti-aliased by default (as skimage's `resize(anti_aliasing=True)` in the seed study); the
     labels by nearest neighbour, so no new ids appear. `antialias=False` is ~4× faster; it is
     exact when upsampling and close when downsampling by less than 2× (the 2-pixel bilinear
@@ -190,20 +193,21 @@ def resize_with_pad(image, labels, size, antialias=True):
     Args:
         image: (H, W, 3) uint8 or float32 in [0, 1].
         labels: (H, W) int32.
-        size: int, the output side S.
+        size: int, the longer side S after resizing and the width of the canvas.
         antialias: anti-alias the image when downsampling.
+        height: int, the canvas height; `None` = `size` (a square).
     Returns:
-        `(image, labels)`: float32 (S, S, 3) in [0, 1] and int32 (S, S).
+        `(image, labels)`: float32 (height, S, 3) in [0, 1] and int32 (height, S).
     """
+    height = size if height is None else height
     new_shape = _fitted_shape(tf.shape(labels), size)
     # Cast before resizing: TF's bilinear kernels are faster on float32 than on uint8 input.
     image = tf.image.resize(to_float(image), new_shape, method="bilinear", antialias=antialias)
     # Bilinear weights are convex, so only float rounding can step past 1.
     image = tf.minimum(image, 1.0)
     labels = tf.image.resize(labels[..., None], new_shape, method="nearest")
-    top, left = (size - new_shape[0]) // 2, (size - new_shape[1]) // 2
-    image = tf.image.pad_to_bounding_box(image, top, left, size, size)
-    labels = tf.image.pad_to_bounding_box(labels, top, left, size, size)[..., 0]
+    image = tf.image.resize_with_crop_or_pad(image, height, size)
+    labels = tf.image.resize_with_crop_or_pad(labels, height, size)[..., 0]
     return image, labels
 
 
@@ -256,8 +260,8 @@ def _gaussian_kernel(sigma):
     return (kernel / kernel.sum()).astype(np.float32)
 
 
-def _smooth_displacement(size, alpha, sigma, seed):
-    """A smooth random displacement field, float32 (size, size, 2) in pixels.
+def _smooth_displacement(shape, alpha, sigma, seed):
+    """A smooth random displacement field, float32 (H, W, 2) in pixels, for `shape` = (H, W).
 
     Gaussian white noise is drawn on a coarse grid (one node per `sigma / 2` pixels), blurred with
     a Gaussian of 2 grid cells (≈ `sigma` pixels), rescaled to standard deviation `alpha` and
@@ -265,18 +269,18 @@ def _smooth_displacement(size, alpha, sigma, seed):
     coarse sampling, at a fraction of the cost of blurring a full-size field.
     """
     step = max(sigma / 2.0, 1.0)
-    grid = max(2, int(math.ceil(size / step)) + 1)
+    grid = [max(2, int(math.ceil(side / step)) + 1) for side in shape]
     kernel = _gaussian_kernel(2.0)
     # Blurring unit-variance white noise with the separable kernel k⊗k leaves variance (Σk²)².
     noise_std = float(np.sum(kernel**2))
-    noise = tf.random.stateless_normal([1, grid, grid, 2], seed)
+    noise = tf.random.stateless_normal([1, *grid, 2], seed)
     k = tf.constant(kernel)
     rows = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, 2, 1])
     cols = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, 2, 1])
     field = tf.nn.depthwise_conv2d(noise, rows, [1, 1, 1, 1], "SAME")
     field = tf.nn.depthwise_conv2d(field, cols, [1, 1, 1, 1], "SAME")
     field = field * (alpha / noise_std)
-    return tf.image.resize(field, [size, size], method="bilinear")[0]
+    return tf.image.resize(field, shape, method="bilinear")[0]
 
 
 def _sample_pair(image, labels, rows, cols):
@@ -323,21 +327,20 @@ def elastic_deform(image, labels, seed, alpha=4.0, sigma=32.0):
     """Elastic deformation: image and labels resampled along one smooth random displacement field.
 
     Args:
-        image: float32 (S, S, 3).
-        labels: int32 (S, S).
+        image: float32 (H, W, 3), H and W static.
+        labels: int32 (H, W).
         seed: (2,) int tensor.
         alpha: displacement standard deviation in pixels.
         sigma: correlation length of the field in pixels.
     Returns:
         `(image, labels)` with the same shapes and dtypes; pixels sampled from outside are 0.
     """
-    size = image.shape[0]
-    if size is None or image.shape[1] != size:
-        raise ValueError(f"elastic_deform needs a static square image, got shape {image.shape}")
-    displacement = _smooth_displacement(size, alpha, sigma, seed)
-    grid = tf.cast(tf.range(size), tf.float32)
-    rows = grid[:, None] + displacement[..., 0]
-    cols = grid[None, :] + displacement[..., 1]
+    shape = tuple(image.shape[:2])
+    if None in shape:
+        raise ValueError(f"elastic_deform needs a static image size, got shape {image.shape}")
+    displacement = _smooth_displacement(shape, alpha, sigma, seed)
+    rows = tf.cast(tf.range(shape[0]), tf.float32)[:, None] + displacement[..., 0]
+    cols = tf.cast(tf.range(shape[1]), tf.float32)[None, :] + displacement[..., 1]
     return _sample_pair(image, labels, rows, cols)
 
 
@@ -421,11 +424,12 @@ def stain_jitter(image, seed, sigma=0.05, bias=0.05):
     return hed_to_rgb(rgb_to_hed(image, clip=False) * scale + shift)
 
 
-def augment_and_resize(image, labels, size, options, seed):
+def augment_and_resize(image, labels, size, options, seed, height=None):
     """The per-epoch augmentation chain of `make_dataset` for one example.
 
     Order: crop and flips on the uint8 image (cropping first so that the flip copies fewer
-    pixels), the aspect-kept resize to S×S, then rotation/scale, elastic deformation and stain
+    pixels), the aspect-kept resize to a longer side of S on the height×S canvas
+    (`resize_with_pad`), then rotation/scale, elastic deformation and stain
     jitter at the fixed output size. The resize to S is plain bilinear, so the input must not be
     much larger than S: `make_dataset` shrinks every example to `cached_side(size, options)` with
     `shrink_to_fit` before its cache, which leaves at most a 1.25× shrink (uncropped) or a
@@ -437,9 +441,11 @@ def augment_and_resize(image, labels, size, options, seed):
         size: int S.
         options: `AugmentOptions`.
         seed: (2,) int tensor (ignored when no augmentation is on).
+        height: int, the output height; `None` = S (a square).
     Returns:
-        `(image, labels)`: float32 (S, S, 3) in [0, 1] and int32 (S, S).
+        `(image, labels)`: float32 (height, S, 3) in [0, 1] and int32 (height, S).
     """
+    height = size if height is None else height
     seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
     if options.crop:
         image, labels = random_crop(
@@ -447,7 +453,7 @@ def augment_and_resize(image, labels, size, options, seed):
         )
     if options.flip:
         image, labels = random_flip(image, labels, seeds[0])
-    image, labels = resize_with_pad(image, labels, size, antialias=False)
+    image, labels = resize_with_pad(image, labels, size, antialias=False, height=height)
     if options.rotate_scale:
         image, labels = random_rotate_scale(
             image, labels, seeds[3], options.max_rotation_degrees, options.scale_range
@@ -460,6 +466,6 @@ def augment_and_resize(image, labels, size, options, seed):
         # Last, at the fixed output size; black padding stays black (its stain amounts are so
         # large that a few percent of change leaves it at ~1e-6).
         image = stain_jitter(image, seeds[2], options.stain_sigma, options.stain_bias)
-    image = tf.ensure_shape(image, [size, size, 3])
-    labels = tf.ensure_shape(labels, [size, size])
+    image = tf.ensure_shape(image, [height, size, 3])
+    labels = tf.ensure_shape(labels, [height, size])
     return image, labels

@@ -46,11 +46,15 @@ class DataConfig:
     where it is prepared in `data_dir`, else `glas/synthetic` (resolved by `keras_glas.train`).
     The validation set is the first `validation_fraction` of the TFDS `train` split
     (`train[:k%]`, training uses `train[k%:]`); the test splits are never touched.
+    Training inputs are `input_height`×`image_size` (default square): `image_size` is the scale
+    (the longer side of every resized image, in training and in the exported model) and
+    `input_height` the canvas height (`keras_glas.data.make_dataset`).
     """
 
     dataset: str = "auto"
     data_dir: str | None = None
     image_size: int = 512
+    input_height: int | None = None
     batch_size: int = 6
     validation_fraction: float = 0.1
     cache: bool = False
@@ -65,6 +69,11 @@ class DataConfig:
             )
         _check_positive(image_size=self.image_size, batch_size=self.batch_size,
                         max_instances=self.max_instances)
+        if self.input_height is not None and not 0 < self.input_height <= self.image_size:
+            raise ValueError(
+                f"input_height must be in 1..image_size ({self.image_size}) or null (a square "
+                f"input), got {self.input_height}"
+            )
         percent = self.validation_fraction * 100
         if not 0 <= self.validation_fraction < 1 or abs(percent - round(percent)) > 1e-9:
             raise ValueError(

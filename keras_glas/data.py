@@ -52,6 +52,7 @@ def make_dataset(
     model="unet",
     batch_size=6,
     image_size=512,
+    input_height=None,
     augment=True,
     seed=None,
     data_dir=None,
@@ -71,8 +72,12 @@ def make_dataset(
         split: TFDS split, slicing included (`"train[:10%]"`); ignored for a `tf.data.Dataset`.
         model: `"unet"`, `"maskrcnn"` or `"eval"` (see Returns).
         batch_size: examples per batch (eval always uses 1).
-        image_size: side S of the square network input; images are resized keeping their aspect
-            ratio and zero-padded (centred).
+        image_size: the training scale S: images are resized keeping their aspect ratio so that
+            their longer side is S, and centred on an H×S canvas (zero-padded, or cropped where
+            taller than H) for unet and maskrcnn; eval keeps the full size.
+        input_height: H, the height of the network input; `None` = S (a square). A lower canvas
+            suits landscape images: GlaS's are 384×259 at S = 384, so H = 272 holds them whole
+            with 30% fewer pixels (and time a step) than 384×384.
         augment: `True` (the seed study's flips + crop), `False`, or an `AugmentOptions`.
             Ignored for eval.
         seed: int. Given a seed, the batches (order and augmentation) are the same on every run,
@@ -90,16 +95,16 @@ def make_dataset(
             instances after augmentation stops the pipeline with an error naming it.
         shuffle: shuffle the examples each epoch; default: on when augmenting, off otherwise.
         drop_remainder: drop the last incomplete batch so that every batch has the static shape
-            (B, S, S, ...) XLA and `tf.distribute` want; default: on when augmenting.
+            (B, H, S, ...) XLA and `tf.distribute` want; default: on when augmenting.
 
     Returns:
         A `tf.data.Dataset` of
         - unet: `(x, y)` or, with `border_weights`, `(x, y, sample_weight)`: x float32
-          (B, S, S, 3) in [0, 1]; y `{"mask": float32 (B, S, S, 1)[, "contour": float32
-          (B, S, S, 1)]}`; sample_weight `{"mask": float32 (B, S, S)[, "contour": ones]}`.
+          (B, H, S, 3) in [0, 1]; y `{"mask": float32 (B, H, S, 1)[, "contour": float32
+          (B, H, S, 1)]}`; sample_weight `{"mask": float32 (B, H, S)[, "contour": ones]}`.
         - maskrcnn: `(x, y)`, y `{"boxes": float32 (B, N, 4)` pixel yxyx (max edges exclusive:
           a box covers rows ymin..ymax-1) padded with -1, `"classes": float32 (B, N)` 0 = gland,
-          -1 = padding, `"instances": int32 (B, S, S)` with id k+1 the object of `boxes[:, k]`}.
+          -1 = padding, `"instances": int32 (B, H, S)` with id k+1 the object of `boxes[:, k]`}.
         - eval: `{"image": uint8 (1, H, W, 3), "instances": int32 (1, H, W), "name": (1,)}`,
           unaugmented and full size.
 
@@ -124,6 +129,7 @@ def make_dataset(
     for arg, value in (
         ("batch_size", batch_size),
         ("image_size", image_size),
+        ("input_height", image_size if input_height is None else input_height),
         ("max_instances", max_instances),
     ):
         if not isinstance(value, int) or value < 1:
@@ -157,7 +163,7 @@ def make_dataset(
         # One (2,) seed per example from a seeded random stream: reproducible, and new each epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         prepare = _training_example_fn(
-            model, image_size, options, contour, border_weights, max_instances
+            model, image_size, input_height, options, contour, border_weights, max_instances
         )
         dataset = tf.data.Dataset.zip(examples, seeds).map(
             prepare, num_parallel_calls=tf.data.AUTOTUNE
@@ -328,12 +334,14 @@ def _shrink_example_fn(side):
     return shrink
 
 
-def _training_example_fn(model, image_size, options, contour, border_weights, max_instances):
+def _training_example_fn(
+    model, image_size, input_height, options, contour, border_weights, max_instances
+):
     """Returns the `map` function: (example, seed) → augmented model input and targets."""
 
     def prepare(example, seed):
         image, labels = augment_and_resize(
-            example["image"], example["instances"], image_size, options, seed
+            example["image"], example["instances"], image_size, options, seed, input_height
         )
         if model == "maskrcnn":
             return image, maskrcnn_targets(labels, max_instances, example["name"])
@@ -456,12 +464,12 @@ def maskrcnn_targets(labels, max_instances, name):
     of the original ids, and the ids are renumbered 1..K in that order.
 
     Args:
-        labels: int32 (S, S) instance map.
+        labels: int32 (H, S) instance map.
         max_instances: N.
         name: string scalar, the example's name (for the error message).
     Returns:
         `{"boxes": float32 (N, 4) yxyx pixels (ymax, xmax exclusive) padded with -1,
-        "classes": float32 (N,) 0 or -1 for padding, "instances": int32 (S, S)}`.
+        "classes": float32 (N,) 0 or -1 for padding, "instances": int32 (H, S)}`.
     """
     shape = tf.shape(labels)
     flat = tf.reshape(labels, [-1])

@@ -103,6 +103,8 @@ def test_out_of_range_values_are_errors():
         load_config(None, ["data.batch_size=0"])
     with pytest.raises(ConfigError, match="whole percent"):
         load_config(None, ["data.validation_fraction=0.125"])
+    with pytest.raises(ConfigError, match="input_height must be in 1..image_size"):
+        load_config(None, ["data.image_size=64", "data.input_height=96"])
     with pytest.raises(ConfigError, match="threshold"):
         load_config(None, ["postprocess.threshold=1.5"])
 

@@ -56,6 +56,24 @@ def test_unet_batches_shapes_dtypes_and_mask():
     assert set(np.unique(y["mask"].numpy())) == {0.0, 1.0}
 
 
+@pytest.mark.parametrize("model", ["unet", "maskrcnn"])
+def test_input_height_gives_lower_batches_at_the_same_scale(model):
+    # The 40×56 examples at S = 32 are 23×32: a 24-row canvas holds them whole.
+    square, lower = (
+        next(iter(make_dataset(in_memory(), model=model, batch_size=2, image_size=32,
+                               input_height=height, augment=False)))
+        for height in (None, 24)
+    )
+    assert square[0].shape == (2, 32, 32, 3) and lower[0].shape == (2, 24, 32, 3)
+    np.testing.assert_array_equal(lower[0].numpy(), square[0].numpy()[:, 4:28])
+    if model == "maskrcnn":
+        assert lower[1]["instances"].shape == (2, 24, 32)
+        np.testing.assert_array_equal(lower[1]["boxes"].numpy()[..., ::2] + 4 * (
+            lower[1]["classes"].numpy()[..., None] >= 0), square[1]["boxes"].numpy()[..., ::2])
+    else:
+        assert lower[1]["mask"].shape == (2, 24, 32, 1)
+
+
 def test_unet_contour_and_border_weights():
     dataset = make_dataset(
         in_memory(), batch_size=2, image_size=32, augment=False, contour=True, border_weights=True
@@ -243,6 +261,8 @@ def test_bad_arguments_and_sources_are_clear_errors():
         make_dataset(in_memory(), model="yolo")
     with pytest.raises(ValueError, match="image_size"):
         make_dataset(in_memory(), image_size=0)
+    with pytest.raises(ValueError, match="input_height"):
+        make_dataset(in_memory(), input_height=0)
     with pytest.raises(ValueError, match="contour"):
         make_dataset(in_memory(), model="maskrcnn", contour=True)
     with pytest.raises(ValueError, match="source"):
