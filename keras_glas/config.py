@@ -72,7 +72,8 @@ class DataConfig:
         if self.input_height is not None and not 0 < self.input_height <= self.image_size:
             raise ValueError(
                 f"input_height must be in 1..image_size ({self.image_size}) or null (a square "
-                f"input), got {self.input_height}"
+                f"input), got {self.input_height}; a smaller image_size needs a smaller "
+                f"input_height too (--set data.input_height=H)"
             )
         percent = self.validation_fraction * 100
         if not 0 <= self.validation_fraction < 1 or abs(percent - round(percent)) > 1e-9:

@@ -145,6 +145,7 @@ def test_smoke_chain_on_real_glas(shared_glas_dir, tmp_path):
     assert "--figures" in record["commands"]["evaluate"]
     assert all(seconds > 0 for seconds in record["timings"].values()), record["timings"]
     assert record["resolved_config"]["model"]["base_filters"] == 4
+    assert record["resolved_config"]["data"]["input_height"] == 48  # a lower canvas trains
     assert [point["epoch"] for point in record["learning_curve"]] == [1]
     assert record["learning_curve"][0]["elapsed_s"] > 0
     assert "val_loss" in record["learning_curve"][0]
