@@ -516,7 +516,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="main-stage epochs")
     parser.add_argument("--steps-per-epoch", type=int, help="batches per epoch")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--image-size", type=int, help="training scale: images are resized to a longer side of S and "
+    parser.add_argument("--image-size", type=int,
+                        help="training scale: images are resized to a longer side of S and "
                              "padded to S×S (or data.input_height×S)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key, e.g. --set model.base_filters=16")

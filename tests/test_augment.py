@@ -114,27 +114,26 @@ def test_resize_keeps_aspect_pads_and_never_creates_ids(size):
     assert abs(content_rows.mean() - (size - 1) / 2) <= 1.0
 
 
-def test_resize_onto_a_lower_canvas_keeps_the_scale_pads_or_crops_the_rows():
+@pytest.mark.parametrize("height", [40, 20])
+def test_resize_onto_a_lower_canvas_keeps_the_scale_pads_or_crops_the_rows(height):
     rng = np.random.default_rng(3)
     labels = rng.choice(np.array([0, 3, 7, 250], np.int32), size=(60, 90))
     image = tf.constant(PALETTE[labels % 6])
     square_image, square = augment.resize_with_pad(image, tf.constant(labels), 45)
     # 60×90 → 30×45: a 40-row canvas pads 5 rows above and below, a 20-row one crops 5 each.
-    for height in (40, 20):
-        out_image, out = augment.resize_with_pad(image, tf.constant(labels), 45, height=height)
-        assert out_image.shape == (height, 45, 3) and out.shape == (height, 45)
-        content = square.numpy()[(45 - 30) // 2 : (45 + 30) // 2]
-        if height >= 30:
-            pad = (height - 30) // 2
-            np.testing.assert_array_equal(out.numpy()[pad : pad + 30], content)
-            assert not out_image.numpy()[:pad].any() and not out_image.numpy()[pad + 30 :].any()
-        else:
-            crop = (30 - height) // 2
-            np.testing.assert_array_equal(out.numpy(), content[crop : crop + height])
-        np.testing.assert_allclose(
-            out_image.numpy(),
-            tf.image.resize_with_crop_or_pad(square_image, height, 45).numpy(),
-        )
+    out_image, out = augment.resize_with_pad(image, tf.constant(labels), 45, height=height)
+    assert out_image.shape == (height, 45, 3) and out.shape == (height, 45)
+    content = square.numpy()[(45 - 30) // 2 : (45 + 30) // 2]
+    if height >= 30:
+        pad = (height - 30) // 2
+        np.testing.assert_array_equal(out.numpy()[pad : pad + 30], content)
+        assert not out_image.numpy()[:pad].any() and not out_image.numpy()[pad + 30 :].any()
+    else:
+        crop = (30 - height) // 2
+        np.testing.assert_array_equal(out.numpy(), content[crop : crop + height])
+    np.testing.assert_allclose(
+        out_image.numpy(), tf.image.resize_with_crop_or_pad(square_image, height, 45).numpy()
+    )
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIC))
