@@ -184,7 +184,7 @@ def resize_with_pad(image, labels, size, antialias=True, height=None):
     The aspect ratio is kept and the content is centred: zero-padded where it is smaller than
     the canvas, cropped where it is taller (a canvas lower than `size` suits landscape images
     such as GlaS's, 775×522: at `size` 384 they are 384×259, so a 272-row canvas holds them
-    whole with 30% fewer pixels than the square). The image is resampled bilinearly,
+    whole with 29% fewer pixels than the square). The image is resampled bilinearly,
     anti-aliased by default (as skimage's `resize(anti_aliasing=True)` in the seed study); the
     labels by nearest neighbour, so no new ids appear. `antialias=False` is ~4× faster; it is
     exact when upsampling and close when downsampling by less than 2× (the 2-pixel bilinear

@@ -77,7 +77,7 @@ def make_dataset(
             taller than H) for unet and maskrcnn; eval keeps the full size.
         input_height: H, the height of the network input; `None` = S (a square). A lower canvas
             suits landscape images: GlaS's are 384×259 at S = 384, so H = 272 holds them whole
-            with 30% fewer pixels (and time a step) than 384×384.
+            with 29% fewer pixels than 384×384 (epochs 22% shorter on an AVX2 CPU).
         augment: `True` (the seed study's flips + crop), `False`, or an `AugmentOptions`.
             Ignored for eval.
         seed: int. Given a seed, the batches (order and augmentation) are the same on every run,
