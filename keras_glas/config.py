@@ -329,7 +329,25 @@ def _to_config(raw: dict, sources: _Sources) -> Config:
             "only: Mask R-CNN's train step runs CombinedNonMaxSuppression, which XLA cannot "
             "compile. Use auto or false"
         )
+    if config.model.name == "unet":
+        _check_unet_input_divisible(config, sources)
     return config
+
+
+def _check_unet_input_divisible(config: Config, sources: _Sources) -> None:
+    """The U-Net's `depth` poolings halve the input that many times, and its decoder must meet
+    every skip at the same size: training inputs must be multiples of 2**depth (the exported
+    model pads test images itself)."""
+    stride = 2**config.model.depth
+    for key, size in (("data.image_size", config.data.image_size),
+                      ("data.input_height", config.data.input_height)):
+        if size is not None and size % stride:
+            lower = max(size // stride, 1) * stride
+            raise ConfigError(
+                f"{sources.of(key)}: {key}={size} is not a multiple of 2**model.depth = "
+                f"{stride}, as the U-Net's training inputs must be; use {lower} or "
+                f"{lower + stride} (--set {key}=...)"
+            )
 
 
 def _to_model_config(raw, sources: _Sources) -> ModelConfig:

@@ -109,6 +109,19 @@ def test_out_of_range_values_are_errors():
         load_config(None, ["postprocess.threshold=1.5"])
 
 
+def test_unet_inputs_must_be_multiples_of_its_pooling_stride(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set data\.input_height=270: data\.input_height=270 "
+                                          r"is not a multiple of 2\*\*model\.depth = 16.*use 256 or 272"):
+        load_config(None, ["data.image_size=384", "data.input_height=270"])
+    path = write(tmp_path, "data:\n  image_size: 90\nmodel:\n  name: unet\n  depth: 2\n")
+    with pytest.raises(ConfigError, match=rf"{path}: data\.image_size=90 is not a multiple of "
+                                          r"2\*\*model\.depth = 4, .*use 88 or 92"):
+        load_config(path)
+    assert load_config(path, ["model.depth=1"]).data.image_size == 90  # 90 = 45 * 2
+    # Mask R-CNN pads its inputs to its FPN stride itself.
+    assert load_config(None, ["model.name=maskrcnn", "data.image_size=90"]).data.image_size == 90
+
+
 def test_override_values_are_yaml_scalars():
     assert parse_override("train.learning_rate=1e-5") == (["train", "learning_rate"], 1e-5)
     assert parse_override("data.data_dir=null") == (["data", "data_dir"], None)
