@@ -506,8 +506,7 @@ def study_variants(postprocess: dict, has_contour: bool) -> dict[str, list[str]]
         variants["split_contour"] = [*off[:2], "split=contour"]
         variants["split_contour_min_seed"] = [*off[:2], "split=contour",
                                               f"min_seed_size={min_size}"]
-    configured = {key: str(value).lower() if isinstance(value, bool) else str(value)
-                  for key, value in postprocess.items()}
+    configured = option_values(postprocess)
 
     def configured_with(**changes):
         return [f"{key}={value}" for key, value in {**configured, **changes}.items()]
@@ -522,6 +521,28 @@ def study_variants(postprocess: dict, has_contour: bool) -> dict[str, list[str]]
     return variants
 
 
+def option_values(postprocess: dict) -> dict[str, str]:
+    """Post-processing options as `evaluate --postprocess` spells them: `{key: "value"}`."""
+    return {key: str(value).lower() if isinstance(value, bool) else str(value)
+            for key, value in postprocess.items()}
+
+
+def same_variants(postprocess: dict, variants: dict[str, list[str]]) -> dict[str, str]:
+    """`{variant: earlier variant}` for each variant whose options, over the exported model's
+    `postprocess`, resolve to the same post-processing as an earlier one: `config` is
+    `min_size` when the config neither fills holes nor splits. The study scores it once."""
+    configured = option_values(postprocess)
+    first, same = {}, {}
+    for name, options in variants.items():
+        resolved = {**configured, **dict(option.split("=", 1) for option in options)}
+        key = tuple(sorted(resolved.items()))
+        if key in first:
+            same[name] = first[key]
+        else:
+            first[key] = name
+    return same
+
+
 def postprocess_study(model_dir: Path, saved_model: Path, paths: Paths, export_info: dict,
                       row_name: str, only=None) -> dict:
     """Scores the same SavedModel under each `study_variants` post-processing (or those named
@@ -530,19 +551,26 @@ def postprocess_study(model_dir: Path, saved_model: Path, paths: Paths, export_i
     Each variant is scored on the test splits and on the run's validation images
     (`evaluate --split validation`); `selected_on_validation` is the variant that
     `select_on_validation` picks from the validation scores alone, so its test scores are an
-    honest estimate of choosing post-processing by this study.
+    honest estimate of choosing post-processing by this study. A variant that resolves to the
+    same post-processing as an earlier one (`same_variants`) reuses its scores, marked
+    `"same_as": <earlier>`, and keeps its name for the ranking.
 
     Returns:
         `{"variants": {name: {"postprocess", "command", "validation_command", "seconds",
-        "test_a", "test_b", "validation"}}, "selected_on_validation": {...},
+        "test_a", "test_b", "validation"[, "same_as"]}}, "selected_on_validation": {...},
         "deltas_vs_none": {name: {split: {metric: difference}}}, "helps": {...}}`.
     """
     variants = study_variants(export_info["postprocess"], "contour" in export_info["outputs"])
     if only is not None:
         variants = {name: options for name, options in variants.items() if name in only}
+    same = same_variants(export_info["postprocess"], variants)
     study = {"model": row_name, "saved_model": str(saved_model),
              "note": STUDY_NOTE, "variants": {}}
     for variant, options in variants.items():
+        if variant in same:
+            study["variants"][variant] = {**study["variants"][same[variant]],
+                                          "same_as": same[variant], "seconds": 0.0}
+            continue
         json_path = model_dir / "study" / f"{variant}.json"
         argv = evaluate_command(saved_model, paths, json_path, f"{row_name} [{variant}]",
                                 postprocess=options)

@@ -50,6 +50,52 @@ def test_study_variants_switch_one_step_on_at_a_time():
     assert without_head["min_size"][0] == f"min_size={real_glas.STUDY_MIN_SIZE}"
 
 
+def test_variants_with_the_same_resolved_options_are_named_once():
+    configured = {"threshold": 0.5, "min_size": 300, "fill_holes": False, "split": "none",
+                  "contour_threshold": 0.5}
+    variants = real_glas.study_variants(configured, has_contour=True)
+    # No hole filling and no split: the config is small-object removal alone.
+    assert real_glas.same_variants(configured, variants) == {"config": "min_size"}
+    splitting = {**configured, "split": "contour"}
+    assert real_glas.same_variants(splitting, real_glas.study_variants(splitting, True)) == {
+        "config_split_none": "min_size"}
+    filling = {**splitting, "fill_holes": True}
+    assert real_glas.same_variants(filling, real_glas.study_variants(filling, True)) == {}
+
+
+def test_study_scores_a_repeated_variant_once(tmp_path, monkeypatch):
+    evaluated = []
+
+    def fake_stage(name, argv, log_dir):  # a fake evaluate: new scores at every call
+        options = argv[argv.index("--postprocess") + 1:]
+        value = (len(evaluated) % 7 + 1) / 10
+        evaluated.append(tuple(options))
+        split = argv[argv.index("--split") + 1]
+        scores = {"f1": value, "object_dice": value, "object_hausdorff": 100 * value,
+                  "seed": {"f1": value, "object_dice": value, "object_hausdorff": value}}
+        splits = real_glas.SPLITS if split == "all" else (split,)
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps(
+            {"postprocess": options, **dict.fromkeys(splits, scores)}))
+        return 1.0
+
+    monkeypatch.setattr(real_glas, "run_stage", fake_stage)
+    configured = {"threshold": 0.5, "min_size": 300, "fill_holes": False, "split": "none",
+                  "contour_threshold": 0.5}
+    (tmp_path / "study").mkdir()
+    study = real_glas.postprocess_study(
+        tmp_path, tmp_path / "saved_model", real_glas.Paths(tmp_path, tmp_path, tmp_path),
+        {"postprocess": configured, "outputs": ["mask"]}, "U-Net")
+    variants = study["variants"]
+    assert set(variants) == set(real_glas.study_variants(configured, has_contour=False))
+    assert len(evaluated) == 2 * (len(variants) - 1)  # test splits + validation, config once
+    assert variants["config"]["same_as"] == "min_size"
+    assert {split: variants["config"][split] for split in ("test_a", "test_b", "validation")} \
+        == {split: variants["min_size"][split] for split in ("test_a", "test_b", "validation")}
+    assert "same_as" not in variants["min_size"]
+    assert study["selected_on_validation"]["rank_sums"]["config"] \
+        == study["selected_on_validation"]["rank_sums"]["min_size"]
+
+
 def _scores(f1, dice, hausdorff):
     return {"f1": f1, "object_dice": dice, "object_hausdorff": hausdorff,
             "seed": {"f1": f1, "object_dice": dice, "object_hausdorff": hausdorff}}
