@@ -64,7 +64,7 @@ PACKAGES = ("keras-glas", "tensorflow-cpu", "tensorflow", "keras", "keras-cv",
 RECORDED_ENVIRONMENT = ("TF_ENABLE_ONEDNN_OPTS", "CUDA_VISIBLE_DEVICES")
 # Tiny settings of --smoke: every stage runs, on a model that trains in seconds.
 SMOKE_TRAIN_ARGS = {
-    # 48x64 inputs: the CPU configs' lower canvases (272 and 256 rows of 384) at the smoke size.
+    # 48x64 inputs: a lower canvas, as the U-Net's CPU config (272x384), at the smoke size.
     "unet": ["--epochs", "1", "--steps-per-epoch", "2", "--image-size", "64",
              "--set", "data.input_height=48", "--batch-size", "2",
              "--set", "model.base_filters=4"],
