@@ -168,7 +168,9 @@ class TrainConfig:
     choice (XLA on a GPU, off on a CPU); `true` compiles the U-Net's train step with XLA, which
     on an AVX2 CPU in float32 is ~25% faster a step (README: performance). Mask R-CNN's train
     step runs TensorFlow's CombinedNonMaxSuppression, which has no XLA kernel, so it takes
-    `auto` or `false` only.
+    `auto` or `false` only. `export_checkpoint` is the checkpoint `keras_glas.export` takes
+    unless `--checkpoint` says otherwise: `best` (the best `monitor` so far) or `last` (the
+    end of training, for a schedule fixed in advance, e.g. cosine to 0).
     """
 
     epochs: int = 900
@@ -184,6 +186,7 @@ class TrainConfig:
     jit_compile: Literal["auto"] | bool = "auto"
     seed: int = 0
     monitor: str | None = None
+    export_checkpoint: Literal["best", "last"] = "best"
     glas_metrics_every: int | None = 1
     finetune: FinetuneConfig | None = None
 

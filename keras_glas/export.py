@@ -361,8 +361,10 @@ def _parse_value(key, text, kind):
         raise ValueError(f"post-processing option {key} needs a {kind.__name__}, got {text!r}") from None
 
 
-def load_run_model(run_dir, checkpoint="best"):
+def load_run_model(run_dir, checkpoint=None):
     """Rebuild a training run's model under float32 and load a checkpoint.
+
+    `checkpoint`: `best`, `last` or a path; None takes the run's `train.export_checkpoint`.
 
     Returns:
         `(model, config)`: the keras model with weights loaded, and the run's `Config`.
@@ -374,15 +376,15 @@ def load_run_model(run_dir, checkpoint="best"):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: RUN_DIR must be a directory written "
                                 "by `python -m keras_glas.train`")
-    weights = checkpoint_path(run_dir, checkpoint)
     config = load_config(config_file)
+    weights = checkpoint_path(run_dir, checkpoint or config.train.export_checkpoint)
     with float32_policy():
         model = build_model(config.model)
     model.load_weights(weights)
     return model, config
 
 
-def export_run(run_dir, out_dir, checkpoint="best", overwrite=False, postprocess_overrides=(),
+def export_run(run_dir, out_dir, checkpoint=None, overwrite=False, postprocess_overrides=(),
                image_size=None):
     """Export a training run (contract 10) as a SavedModel; see `export_model`.
 
@@ -441,8 +443,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_glas.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (config.yaml, checkpoints/)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="SavedModel directory to write")
-    parser.add_argument("--checkpoint", default="best",
-                        help="best (default), last, or a path to a .weights.h5 file")
+    parser.add_argument("--checkpoint", default=None,
+                        help="best, last, or a path to a .weights.h5 file (default: the "
+                             "run's train.export_checkpoint, best unless configured)")
     parser.add_argument("--image-size", type=int, default=None, metavar="S",
                         help="run the network with the image's longer side resized to S, the "
                              "training scale (default: the run's data.image_size); 0 = native "

@@ -269,12 +269,19 @@ def test_postprocess_overrides_are_typed_and_validated():
         export.postprocess_options(None, ["colour=red"])
 
 
-def write_run_dir(run_dir, model, image_size):
+def write_run_dir(run_dir, model, image_size, export_checkpoint="best"):
     """A minimal training run dir (contract 10) for `model`, a tiny U-Net without contour head,
-    trained at `data.image_size` = `image_size`."""
-    from keras_glas.config import Config, DataConfig, UNetConfig, save_config
+    trained at `data.image_size` = `image_size`, whose last checkpoint holds `model`'s weights."""
+    from keras_glas.config import (
+        Config,
+        DataConfig,
+        TrainConfig,
+        UNetConfig,
+        save_config,
+    )
 
     config = Config(data=DataConfig(image_size=image_size), model=UNetConfig(base_filters=8, depth=DEPTH),
+                    train=TrainConfig(export_checkpoint=export_checkpoint),
                     postprocess=PostprocessOptions(min_size=3))
     save_config(config, run_dir / "config.yaml")
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -312,6 +319,23 @@ def test_export_cli_from_run_dir_is_float32_at_the_run_scale_and_native_on_reque
     with pytest.raises(SystemExit) as negative:
         export.main([str(run_dir), str(tmp_path / "bad"), "--checkpoint", "last", "--image-size", "-5"])
     assert negative.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_export_takes_the_checkpoint_the_run_configures_unless_told_otherwise(tmp_path):
+    last, best = tiny_unet(contour_head=False), tiny_unet(contour_head=False, blur=True)
+    run_dir = tmp_path / "run"
+    write_run_dir(run_dir, last, image_size=64, export_checkpoint="last")
+    best.save_weights(run_dir / "checkpoints" / "best.weights.h5")
+
+    image = blob_image(40, 64)
+    expected = {name: keras_reference(model, image, PostprocessOptions(min_size=3), 64)[0]
+                for name, model in (("last", last), ("best", best))}
+    assert np.abs(expected["last"] - expected["best"]).max() > 1e-2
+    for argv, name in (([], "last"), (["--checkpoint", "best"], "best")):
+        out_dir = tmp_path / f"exported_{name}"
+        export.main([str(run_dir), str(out_dir), *argv])
+        served = tf.saved_model.load(str(out_dir)).signatures["serving_default"](images=tf.constant(image[None]))
+        np.testing.assert_allclose(served["probabilities"][0], expected[name], atol=1e-5)
 
 
 def test_maskrcnn_round_trip_in_fresh_process_boxes_in_original_pixels(tmp_path):
