@@ -45,6 +45,18 @@ DEFAULT_OPTIONS = {
 }
 
 
+def run_on_rois(head, pooled, training=None):
+    """`head` on `pooled` (float (R, S, S, C), R >= 0), its output for those R RoIs.
+
+    With R = 0 one zero RoI is run instead and dropped: oneDNN's convolution (on by default on
+    CPUs with AVX-512 VNNI / BF16) returns its empty input unchanged, whose channel count then
+    fails the bias add.
+    """
+    count = tf.shape(pooled)[0]
+    filler = tf.zeros(tf.concat([[tf.maximum(1 - count, 0)], tf.shape(pooled)[1:]], 0), pooled.dtype)
+    return head(tf.concat([pooled, filler], 0), training=training)[:count]
+
+
 def select_class(per_class, classes):
     """Per-class outputs (M, ..., C) and int32 classes (M,) -> (M, ...) of each row's class."""
     return tf.gather(tf.experimental.numpy.moveaxis(per_class, -1, 1), classes, batch_dims=1)
@@ -190,7 +202,8 @@ class MaskRCNN(keras.Model):
         box_indices = tf.repeat(tf.range(shape[0]), o["roi_batch_size_per_image"])
         mask_rois = tf.gather(flat["rois"], positive)
         mask_images = tf.gather(box_indices, positive)
-        mask_logits = self.mask_head(
+        mask_logits = run_on_rois(
+            self.mask_head,
             multilevel_roi_align(features[:ROI_LEVELS], mask_rois, mask_images, MASK_POOL_SIZE),
             training=training)
         mask_logits = select_class(mask_logits, tf.gather(foreground, positive))
