@@ -97,8 +97,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.run_dir:
-        model, config = export.load_run_model(args.run_dir, "best" if (
-            Path(args.run_dir) / "checkpoints" / "best.weights.h5").is_file() else "last")
+        model, config, _ = export.load_run_model(args.run_dir)
     else:
         overrides = [f"model.base_filters={args.base_filters}"] if args.base_filters else []
         config = load_config(args.config, overrides)

@@ -28,7 +28,7 @@ resolution: nothing records its training scale.
 
 Nothing from `keras_glas` (or Keras) is needed to load or run it:
 `tf.saved_model.load(path).signatures["serving_default"](images=...)`. The resolved run config
-and `keras_glas_export.json` (model kind, inference `image_size` (0 = native), post-processing
+and `keras_glas_export.json` (model kind, the weights file, inference `image_size` (0 = native), post-processing
 options, versions) are stored in the SavedModel's `assets.extra/`. The graph is always float32:
 a run trained under a mixed-precision policy is rebuilt under float32 for export (its variables
 are float32 either way), so neither the exporting nor the loading process's global policy
@@ -219,12 +219,14 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
     return serve_unet
 
 
-def export_info(model, postprocess, image_size=0):
-    """The `keras_glas_export.json` record: model kind, inference image size (0 = native),
-    post-processing options, versions."""
+def export_info(model, postprocess, image_size=0, weights=None):
+    """The `keras_glas_export.json` record: model kind, the weights file it was exported from
+    (None for a model passed in memory), inference image size (0 = native), post-processing
+    options, versions."""
     kind = model_kind(model)
     return {
         "model_kind": kind,
+        "weights": None if weights is None else str(Path(weights).resolve()),
         "image_size": image_size,
         "outputs": sorted(make_output_names(model)),
         "postprocess": dataclasses.asdict(postprocess) if kind == "unet" else None,
@@ -243,7 +245,7 @@ def make_output_names(model):
 
 
 def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=None,
-                 overwrite=False, image_size=0):
+                 overwrite=False, image_size=0, weights=None):
     """Write `model` as a SavedModel (contract 11) at `out_dir`, atomically.
 
     Args:
@@ -254,6 +256,8 @@ def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=N
         overwrite: replace an existing `out_dir`.
         image_size: the training scale S the network runs at (longer side, see the module
             docstring); 0 = native resolution.
+        weights: the checkpoint or `.keras` file `model`'s weights came from, recorded in
+            `keras_glas_export.json` so that a SavedModel says which weights it serves.
     Returns:
         `Path` of the SavedModel directory.
     """
@@ -278,7 +282,7 @@ def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=N
         archive.write_out(str(staging / "saved_model"), verbose=False)
         extra = staging / "saved_model" / ASSETS_EXTRA_DIR
         extra.mkdir(exist_ok=True)
-        (extra / EXPORT_INFO_FILE).write_text(json.dumps(export_info(model, postprocess, image_size), indent=2))
+        (extra / EXPORT_INFO_FILE).write_text(json.dumps(export_info(model, postprocess, image_size, weights), indent=2))
         if config_path is not None:
             shutil.copyfile(config_path, extra / CONFIG_FILE)
         _replace_directory(staging / "saved_model", out_dir, overwrite)
@@ -367,7 +371,8 @@ def load_run_model(run_dir, checkpoint=None):
     `checkpoint`: `best`, `last` or a path; None takes the run's `train.export_checkpoint`.
 
     Returns:
-        `(model, config)`: the keras model with weights loaded, and the run's `Config`.
+        `(model, config, weights)`: the keras model with weights loaded, the run's `Config` and
+        the `Path` of the weights file loaded.
     """
     from keras_glas.config import load_config
     from keras_glas.models import build_model
@@ -381,7 +386,7 @@ def load_run_model(run_dir, checkpoint=None):
     with float32_policy():
         model = build_model(config.model)
     model.load_weights(weights)
-    return model, config
+    return model, config, weights
 
 
 def export_run(run_dir, out_dir, checkpoint=None, overwrite=False, postprocess_overrides=(),
@@ -392,11 +397,12 @@ def export_run(run_dir, out_dir, checkpoint=None, overwrite=False, postprocess_o
     overrides it (0 = native resolution).
     """
     _check_destination(Path(out_dir), overwrite)
-    model, config = load_run_model(run_dir, checkpoint)
+    model, config, weights = load_run_model(run_dir, checkpoint)
     options = postprocess_options(getattr(config, "postprocess", None), postprocess_overrides)
     if image_size is None:
         image_size = config.data.image_size
-    return export_model(model, out_dir, options, Path(run_dir) / CONFIG_FILE, overwrite, image_size)
+    return export_model(model, out_dir, options, Path(run_dir) / CONFIG_FILE, overwrite, image_size,
+                        weights)
 
 
 def export_keras_file(path, out_dir, overwrite=False, postprocess_overrides=()):
@@ -406,7 +412,7 @@ def export_keras_file(path, out_dir, overwrite=False, postprocess_overrides=()):
 
     model = keras.models.load_model(path, compile=False)
     return export_model(model, out_dir, postprocess_options(None, postprocess_overrides),
-                        overwrite=overwrite)
+                        overwrite=overwrite, weights=path)
 
 
 def is_saved_model(path):
@@ -459,7 +465,8 @@ def main(argv=None):
                              args.postprocess, args.image_size)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
-    print(f"SavedModel written to {out_dir} (signatures: serving_default, serve_bytes)")
+    print(f"SavedModel written to {out_dir} from {read_export_info(out_dir)['weights']} "
+          "(signatures: serving_default, serve_bytes)")
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ def test_export_info_and_atomic_overwrite(exported, tmp_path):
         export.export_model(model, out_dir)
     assert export.read_export_info(out_dir)["outputs"] == ["instances", "probabilities"]
     assert export.read_export_info(out_dir)["image_size"] == 0  # a bare model: native resolution
+    assert export.read_export_info(out_dir)["weights"] is None  # a model passed in memory
     export.export_model(model, out_dir, overwrite=True)
     assert "contour" in export.read_export_info(out_dir)["outputs"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # no temp dirs left
@@ -336,6 +337,8 @@ def test_export_takes_the_checkpoint_the_run_configures_unless_told_otherwise(tm
         export.main([str(run_dir), str(out_dir), *argv])
         served = tf.saved_model.load(str(out_dir)).signatures["serving_default"](images=tf.constant(image[None]))
         np.testing.assert_allclose(served["probabilities"][0], expected[name], atol=1e-5)
+        weights = run_dir.resolve() / "checkpoints" / f"{name}.weights.h5"
+        assert export.read_export_info(out_dir)["weights"] == str(weights)
 
 
 def test_maskrcnn_round_trip_in_fresh_process_boxes_in_original_pixels(tmp_path):
