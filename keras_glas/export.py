@@ -28,11 +28,11 @@ resolution: nothing records its training scale.
 
 Nothing from `keras_glas` (or Keras) is needed to load or run it:
 `tf.saved_model.load(path).signatures["serving_default"](images=...)`. The resolved run config
-and `keras_glas_export.json` (model kind, the weights file, inference `image_size` (0 = native), post-processing
-options, versions) are stored in the SavedModel's `assets.extra/`. The graph is always float32:
-a run trained under a mixed-precision policy is rebuilt under float32 for export (its variables
-are float32 either way), so neither the exporting nor the loading process's global policy
-matters. The exported network is a copy with its batch norms folded into the
+and `keras_glas_export.json` (model kind, the weights file, inference `image_size` (0 =
+native), post-processing options, versions) are stored in the SavedModel's `assets.extra/`.
+The graph is always float32: a run trained under a mixed-precision policy is rebuilt under
+float32 for export (its variables are float32 either way), so neither the exporting nor the
+loading process's global policy matters. The exported network is a copy with its batch norms folded into the
 convolutions in front of them (`keras_glas.models.fold_batch_norm`): the same function with
 fewer passes over the activations.
 """
@@ -282,7 +282,8 @@ def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=N
         archive.write_out(str(staging / "saved_model"), verbose=False)
         extra = staging / "saved_model" / ASSETS_EXTRA_DIR
         extra.mkdir(exist_ok=True)
-        (extra / EXPORT_INFO_FILE).write_text(json.dumps(export_info(model, postprocess, image_size, weights), indent=2))
+        info = export_info(model, postprocess, image_size, weights)
+        (extra / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
         if config_path is not None:
             shutil.copyfile(config_path, extra / CONFIG_FILE)
         _replace_directory(staging / "saved_model", out_dir, overwrite)
