@@ -32,9 +32,9 @@ and `keras_glas_export.json` (model kind, the weights file, inference `image_siz
 native), post-processing options, versions) are stored in the SavedModel's `assets.extra/`.
 The graph is always float32: a run trained under a mixed-precision policy is rebuilt under
 float32 for export (its variables are float32 either way), so neither the exporting nor the
-loading process's global policy matters. The exported network is a copy with its batch norms folded into the
-convolutions in front of them (`keras_glas.models.fold_batch_norm`): the same function with
-fewer passes over the activations.
+loading process's global policy matters. The exported network is a copy with its batch norms
+folded into the convolutions in front of them (`keras_glas.models.fold_batch_norm`): the same
+function with fewer passes over the activations.
 """
 
 import argparse
