@@ -17,8 +17,10 @@ and its log):
    metrics (approximate: ground-truth instances are connected components, touching glands
    merge);
 5. U-Net only: the post-processing study, the same SavedModel re-scored with each
-   post-processing step alone and all together (`evaluate --postprocess`), on the test splits
-   and on the run's validation images, which alone pick a variant (`select_on_validation`);
+   post-processing step alone and all together (`evaluate --postprocess`), and a second export
+   with `--test-time-flips` (maps averaged over the four flips) under the config's
+   post-processing, on the test splits and on the run's validation images, which alone pick a
+   variant (`select_on_validation`);
 6. `python -m keras_glas.leaderboard` over every `OUT_DIR/real_glas_*.json`.
 
 Outputs in OUT_DIR: `real_glas_<model>.json` (the evaluate JSON plus the exact commands, the
@@ -86,8 +88,12 @@ METRIC_DIRECTIONS = {"f1": 1, "object_dice": 1, "object_hausdorff": -1}
 STUDY_NOTE = ("The test scores are for this report only: the exported model's post-processing "
               "is the config's, chosen beforehand; selected_on_validation is chosen from the "
               "validation scores alone.")
-# --smoke scores only these two ends of the post-processing study (each variant is a pass).
-SMOKE_STUDY_VARIANTS = ("none", "config")
+# The study's variant scoring a second export of the U-Net, with `--test-time-flips`, under the
+# config's post-processing: the flip average is chosen on validation like post-processing is.
+FLIPS_VARIANT = "config_test_time_flips"
+# --smoke scores only the two ends of the post-processing study and the flip average (each
+# variant is a pass).
+SMOKE_STUDY_VARIANTS = ("none", "config", FLIPS_VARIANT)
 # Minimum object size (pixels at full resolution) of the study's small-object-removal variant
 # when the config's own post-processing removes nothing.
 STUDY_MIN_SIZE = 300
@@ -543,9 +549,11 @@ def same_variants(postprocess: dict, variants: dict[str, list[str]]) -> dict[str
 
 
 def postprocess_study(model_dir: Path, saved_model: Path, paths: Paths, export_info: dict,
-                      row_name: str, only=None) -> dict:
+                      row_name: str, only=None, flipped_saved_model: Path | None = None,
+                      flipped_export_command: str | None = None) -> dict:
     """Scores the same SavedModel under each `study_variants` post-processing (or those named
-    in `only`).
+    in `only`), and `flipped_saved_model` (the same weights exported with `--test-time-flips`,
+    made by `flipped_export_command`), if given, under the config's as `FLIPS_VARIANT`.
 
     Each variant is scored on the test splits and on the run's validation images
     (`evaluate --split validation`); `selected_on_validation` is the variant that
@@ -556,27 +564,32 @@ def postprocess_study(model_dir: Path, saved_model: Path, paths: Paths, export_i
 
     Returns:
         `{"variants": {name: {"postprocess", "command", "validation_command", "seconds",
-        "test_a", "test_b", "validation"[, "same_as"]}}, "selected_on_validation": {...},
+        "test_a", "test_b", "validation"[, "same_as"][, "export_command"]}},
+        "selected_on_validation": {...},
         "deltas_vs_none": {name: {split: {metric: difference}}}, "helps": {...}}`.
     """
     variants = study_variants(export_info["postprocess"], "contour" in export_info["outputs"])
+    same = same_variants(export_info["postprocess"], variants)
+    models = dict.fromkeys(variants, saved_model)
+    if flipped_saved_model is not None:
+        variants[FLIPS_VARIANT] = variants["config"]
+        models[FLIPS_VARIANT] = flipped_saved_model
     if only is not None:
         variants = {name: options for name, options in variants.items() if name in only}
-    same = same_variants(export_info["postprocess"], variants)
     study = {"model": row_name, "saved_model": str(saved_model),
              "note": STUDY_NOTE, "variants": {}}
     for variant, options in variants.items():
-        if variant in same:
+        if same.get(variant) in variants:
             study["variants"][variant] = {**study["variants"][same[variant]],
                                           "same_as": same[variant], "seconds": 0.0}
             continue
         json_path = model_dir / "study" / f"{variant}.json"
-        argv = evaluate_command(saved_model, paths, json_path, f"{row_name} [{variant}]",
+        argv = evaluate_command(models[variant], paths, json_path, f"{row_name} [{variant}]",
                                 postprocess=options)
         seconds = run_stage(f"study-{variant}", argv, paths.log_dir)
         scores = json.loads(json_path.read_text())
         validation_json = model_dir / "study" / f"{variant}_validation.json"
-        validation_argv = evaluate_command(saved_model, paths, validation_json,
+        validation_argv = evaluate_command(models[variant], paths, validation_json,
                                            f"{row_name} [{variant}]", postprocess=options,
                                            split=VALIDATION_SPLIT)
         seconds += run_stage(f"study-{variant}-validation", validation_argv, paths.log_dir)
@@ -585,6 +598,8 @@ def postprocess_study(model_dir: Path, saved_model: Path, paths: Paths, export_i
             "validation_command": display_command(validation_argv),
             "seconds": round(seconds, 1), **{split: scores[split] for split in SPLITS},
             VALIDATION_SPLIT: json.loads(validation_json.read_text())[VALIDATION_SPLIT]}
+        if variant == FLIPS_VARIANT:
+            study["variants"][variant]["export_command"] = flipped_export_command
     study["selected_on_validation"] = select_on_validation(study["variants"])
     study.update(compare_to_baseline(study["variants"]))
     return study
@@ -683,8 +698,14 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
     export_info = json.loads((saved_model / "assets.extra" / "keras_glas_export.json").read_text())
     if model == "unet":
         start = time.monotonic()
+        flipped_saved_model = model_dir / "saved_model_test_time_flips"
+        argv = [sys.executable, "-m", "keras_glas.export", str(run_dir), str(flipped_saved_model),
+                "--test-time-flips", "--overwrite"]
+        run_stage(f"export-{model}-test-time-flips", argv, paths.log_dir)
         study = postprocess_study(model_dir, saved_model, paths, export_info, row_name,
-                                  only=SMOKE_STUDY_VARIANTS if smoke else None)
+                                  only=SMOKE_STUDY_VARIANTS if smoke else None,
+                                  flipped_saved_model=flipped_saved_model,
+                                  flipped_export_command=display_command(argv))
         timings["postprocess_study_s"] = round(time.monotonic() - start, 1)
         write_json(paths.out_dir / "postprocess_study.json", study)
 

@@ -1,13 +1,14 @@
 """Export a trained model as a self-contained TensorFlow SavedModel.
 
 `python -m keras_glas.export RUN_DIR OUT_DIR [--checkpoint best|last|PATH] [--image-size S]
-[--postprocess KEY=VALUE ...] [--overwrite]`
+[--postprocess KEY=VALUE ...] [--test-time-flips] [--overwrite]`
 rebuilds the model of a training run (contract 10) from its `config.yaml`, loads a checkpoint
 and writes a SavedModel (contract 11) whose graph does everything a client needs:
 
 - `serving_default(images: uint8 (N, H, W, 3))`, any H×W: scale to [0, 1], resize to the
-  training scale (below), pad to a multiple of the network's stride, run, crop back, resize
-  the maps back to H×W, post-process in graph at H×W (threshold, connected components,
+  training scale (below), pad to a multiple of the network's stride, run (for a U-Net
+  exported with `--test-time-flips`: on the four flips of the image, averaging the maps flipped
+  back), crop back, resize the maps back to H×W, post-process in graph at H×W (threshold, connected components,
   optional small-object removal, hole filling and contour split; `min_size` counts native
   pixels) → `instances` int32 (N, H, W), `probabilities` float32 (N, H, W), plus `contour`
   float32 (N, H, W) for a U-Net with a contour head, or `boxes` float32 (N, D, 4) (yxyx pixels
@@ -144,8 +145,32 @@ def resize_maps(maps, height, width, method="bilinear"):
     return tf.image.resize(maps[..., None], (height, width), method=method)[..., 0]
 
 
+def flip_averaged(network, inputs, multiple):
+    """U-Net outputs averaged over the four flips of `inputs` (test-time augmentation).
+
+    Args:
+        network: a U-Net (contract 4): float32 (N, H', W', 3) → dict of (N, H', W', 1) maps.
+        inputs: float32 (N, h, w, 3) in [0, 1], any h×w.
+        multiple: the network's input side multiple; each flip is padded at the bottom and
+            right after flipping, so every pass sees the padding where training put it.
+    Returns:
+        dict of float32 (N, h, w, 1): the mean over identity, left-right, up-down and both
+        flips of each output, each flipped back first.
+    """
+    height, width = tf.shape(inputs)[1], tf.shape(inputs)[2]
+    totals = None
+    for axes in ((), (2,), (1,), (1, 2)):
+        flipped = tf.reverse(inputs, axes) if axes else inputs
+        outputs = network(pad_to_multiple(flipped, multiple), training=False)
+        maps = {key: tf.cast(value[:, :height, :width], tf.float32) for key, value in outputs.items()}
+        if axes:
+            maps = {key: tf.reverse(value, axes) for key, value in maps.items()}
+        totals = maps if totals is None else {key: totals[key] + maps[key] for key in maps}
+    return {key: total / 4.0 for key, total in totals.items()}
+
+
 def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
-                          fold_batch_norms=False):
+                          fold_batch_norms=False, test_time_flips=False):
     """The graph behind both signatures: uint8 (N, H, W, 3) → dict of outputs (contract 11).
 
     Args:
@@ -158,6 +183,8 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
         fold_batch_norms: run a copy of the network with its batch norms folded into the
             convolutions (`keras_glas.models.fold_batch_norm`): the same function, faster, but
             a snapshot of the current weights, so only for a model that is done training.
+        test_time_flips: U-Net only: average the network's maps over the four flips of each
+            image (`flip_averaged`), 4x the inference cost.
     Returns:
         A plain Python function of a uint8 tensor; wrap it in `tf.function` to trace it.
     """
@@ -174,6 +201,9 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
         return inputs, height, width
 
     if model_kind(model) == "maskrcnn":
+        if test_time_flips:
+            raise ValueError("test_time_flips is for U-Nets: averaging Mask R-CNN's instances "
+                             "over flips needs instance matching, which the export does not do")
         feature_model = fold_batch_norm.fold_batch_norms(model.feature_model) if fold_batch_norms else None
 
         def serve_maskrcnn(images):
@@ -203,12 +233,16 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
 
     def serve_unet(images):
         inputs, height, width = network_input(images)
-        scaled_height, scaled_width = tf.shape(inputs)[1], tf.shape(inputs)[2]
-        outputs = network(pad_to_multiple(inputs, multiple), training=False)
+        if test_time_flips:
+            outputs = flip_averaged(network, inputs, multiple)
+        else:
+            scaled_height, scaled_width = tf.shape(inputs)[1], tf.shape(inputs)[2]
+            outputs = network(pad_to_multiple(inputs, multiple), training=False)
+            outputs = {key: tf.cast(value[:, :scaled_height, :scaled_width], tf.float32)
+                       for key, value in outputs.items()}
 
         def to_native(output):
-            output = tf.cast(output[:, :scaled_height, :scaled_width, 0], tf.float32)
-            return resize_maps(output, height, width) if image_size else output
+            return resize_maps(output[..., 0], height, width) if image_size else output[..., 0]
 
         served = {"probabilities": to_native(outputs["mask"])}
         contour = to_native(outputs["contour"]) if has_contour else None
@@ -219,15 +253,16 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
     return serve_unet
 
 
-def export_info(model, postprocess, image_size=0, weights=None):
+def export_info(model, postprocess, image_size=0, weights=None, test_time_flips=False):
     """The `keras_glas_export.json` record: model kind, the weights file it was exported from
-    (None for a model passed in memory), inference image size (0 = native), post-processing
-    options, versions."""
+    (None for a model passed in memory), inference image size (0 = native), whether the maps
+    are averaged over flips, post-processing options, versions."""
     kind = model_kind(model)
     return {
         "model_kind": kind,
         "weights": None if weights is None else str(Path(weights).resolve()),
         "image_size": image_size,
+        "test_time_flips": test_time_flips,
         "outputs": sorted(make_output_names(model)),
         "postprocess": dataclasses.asdict(postprocess) if kind == "unet" else None,
         "pad_multiple": unet_pad_multiple(model) if kind == "unet" else MASKRCNN_PAD_MULTIPLE,
@@ -245,7 +280,7 @@ def make_output_names(model):
 
 
 def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=None,
-                 overwrite=False, image_size=0, weights=None):
+                 overwrite=False, image_size=0, weights=None, test_time_flips=False):
     """Write `model` as a SavedModel (contract 11) at `out_dir`, atomically.
 
     Args:
@@ -258,12 +293,14 @@ def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=N
             docstring); 0 = native resolution.
         weights: the checkpoint or `.keras` file `model`'s weights came from, recorded in
             `keras_glas_export.json` so that a SavedModel says which weights it serves.
+        test_time_flips: average a U-Net's maps over the four flips of each image.
     Returns:
         `Path` of the SavedModel directory.
     """
     out_dir = Path(out_dir)
     _check_destination(out_dir, overwrite)
-    serve = tf.function(make_serving_function(model, postprocess, image_size, fold_batch_norms=True),
+    serve = tf.function(make_serving_function(model, postprocess, image_size, fold_batch_norms=True,
+                                              test_time_flips=test_time_flips),
                         input_signature=[IMAGE_SIGNATURE])
     serve_bytes = tf.function(lambda images: serve(decode_images(images)),
                               input_signature=[BYTES_SIGNATURE])
@@ -282,7 +319,7 @@ def export_model(model, out_dir, postprocess=PostprocessOptions(), config_path=N
         archive.write_out(str(staging / "saved_model"), verbose=False)
         extra = staging / "saved_model" / ASSETS_EXTRA_DIR
         extra.mkdir(exist_ok=True)
-        info = export_info(model, postprocess, image_size, weights)
+        info = export_info(model, postprocess, image_size, weights, test_time_flips)
         (extra / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
         if config_path is not None:
             shutil.copyfile(config_path, extra / CONFIG_FILE)
@@ -391,7 +428,7 @@ def load_run_model(run_dir, checkpoint=None):
 
 
 def export_run(run_dir, out_dir, checkpoint=None, overwrite=False, postprocess_overrides=(),
-               image_size=None):
+               image_size=None, test_time_flips=False):
     """Export a training run (contract 10) as a SavedModel; see `export_model`.
 
     `image_size` None runs the network at the run's training scale `data.image_size`; an int
@@ -403,7 +440,7 @@ def export_run(run_dir, out_dir, checkpoint=None, overwrite=False, postprocess_o
     if image_size is None:
         image_size = config.data.image_size
     return export_model(model, out_dir, options, Path(run_dir) / CONFIG_FILE, overwrite, image_size,
-                        weights)
+                        weights, test_time_flips)
 
 
 def export_keras_file(path, out_dir, overwrite=False, postprocess_overrides=()):
@@ -459,11 +496,14 @@ def main(argv=None):
                              "resolution, for models trained on native-scale crops")
     parser.add_argument("--postprocess", nargs="*", default=(), metavar="KEY=VALUE",
                         help="override the run's post-processing options, e.g. min_size=50")
+    parser.add_argument("--test-time-flips", action="store_true",
+                        help="U-Net: average the maps over the four flips of each image (4x the "
+                             "inference time)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     args = parser.parse_args(argv)
     try:
         out_dir = export_run(args.run_dir, args.out_dir, args.checkpoint, args.overwrite,
-                             args.postprocess, args.image_size)
+                             args.postprocess, args.image_size, args.test_time_flips)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(f"SavedModel written to {out_dir} from {read_export_info(out_dir)['weights']} "

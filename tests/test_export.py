@@ -230,6 +230,49 @@ def test_watershed_and_contour_split_need_what_the_graph_has():
         export.make_serving_function(tiny_unet(), image_size=-1)
 
 
+def test_test_time_flips_average_the_four_flips_and_make_the_maps_flip_equivariant(tmp_path):
+    # A random U-Net is not flip-equivariant; the flip average is, exactly, when no padding
+    # breaks the symmetry (sides multiples of 2**DEPTH), and at other sizes it is the mean of
+    # the four flipped passes, each padded at the bottom and right.
+    keras.utils.set_random_seed(3)
+    model = build_unet(base_filters=4, depth=DEPTH, contour_head=True)
+    plain = tf.function(export.make_serving_function(model))
+    averaged = tf.function(export.make_serving_function(model, test_time_flips=True))
+    image = blob_image(36, 48, seed=4)[None]
+    flipped = image[:, ::-1, ::-1]
+    for key in ("probabilities", "contour"):
+        served = averaged(tf.constant(image))[key].numpy()
+        served_flipped = averaged(tf.constant(flipped))[key].numpy()
+        np.testing.assert_allclose(served_flipped, served[:, ::-1, ::-1], atol=1e-6)
+        plain_gap = np.abs(plain(tf.constant(flipped))[key].numpy()
+                           - plain(tf.constant(image))[key].numpy()[:, ::-1, ::-1])
+        assert plain_gap.max() > 1e-3
+
+    odd = blob_image(37, 50, seed=5)
+    passes = []
+    for flip in (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: a[::-1, ::-1]):
+        probability, contour, _ = keras_reference(model, np.ascontiguousarray(flip(odd)), OPTIONS)
+        passes.append((flip(probability), flip(contour)))
+    served = averaged(tf.constant(odd[None]))
+    np.testing.assert_allclose(served["probabilities"][0], np.mean([p for p, _ in passes], axis=0), atol=1e-5)
+    np.testing.assert_allclose(served["contour"][0], np.mean([c for _, c in passes], axis=0), atol=1e-5)
+
+    out_dir = export.export_model(model, tmp_path / "flips", test_time_flips=True)
+    assert export.read_export_info(out_dir)["test_time_flips"] is True
+    loaded = tf.saved_model.load(str(out_dir)).signatures["serving_default"]
+    np.testing.assert_allclose(loaded(images=tf.constant(odd[None]))["probabilities"],
+                               served["probabilities"], atol=1e-5)
+
+
+def test_test_time_flips_are_refused_for_maskrcnn():
+    class MaskRCNNLike:
+        def infer(self, images, feature_model=None):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="test_time_flips is for U-Nets"):
+        export.make_serving_function(MaskRCNNLike(), test_time_flips=True)
+
+
 def grid_image(cell, gap):
     """uint8 (2 cell + 3 gap, 3 cell + 4 gap, 3): 2×3 red squares of side `cell` on black,
     separated (and framed) by black gaps `gap` wide. `grid_image(2 c, 2 g)` is the same scene

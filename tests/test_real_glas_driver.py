@@ -63,30 +63,43 @@ def test_variants_with_the_same_resolved_options_are_named_once():
     assert real_glas.same_variants(filling, real_glas.study_variants(filling, True)) == {}
 
 
-def test_study_scores_a_repeated_variant_once(tmp_path, monkeypatch):
+# The config's options resolve to those of the study's `min_size` variant.
+MIN_SIZE_CONFIG = {"threshold": 0.5, "min_size": 300, "fill_holes": False, "split": "none",
+                   "contour_threshold": 0.5}
+
+
+def run_fake_study(tmp_path, monkeypatch, **study_options):
+    """`postprocess_study` of a U-Net without a contour head configured as `MIN_SIZE_CONFIG`,
+    with a fake evaluate stage that gives new scores at every call.
+
+    Returns:
+        `(study, evaluated)`: the study and the `(saved_model, postprocess options)` of each
+        evaluate call, in order.
+    """
     evaluated = []
 
-    def fake_stage(name, argv, log_dir):  # a fake evaluate: new scores at every call
+    def fake_stage(name, argv, log_dir):
         options = argv[argv.index("--postprocess") + 1:]
         value = (len(evaluated) % 7 + 1) / 10
-        evaluated.append(tuple(options))
+        evaluated.append((argv[3], tuple(options)))
         split = argv[argv.index("--split") + 1]
-        scores = {"f1": value, "object_dice": value, "object_hausdorff": 100 * value,
-                  "seed": {"f1": value, "object_dice": value, "object_hausdorff": value}}
         splits = real_glas.SPLITS if split == "all" else (split,)
         Path(argv[argv.index("--json") + 1]).write_text(json.dumps(
-            {"postprocess": options, **dict.fromkeys(splits, scores)}))
+            {"postprocess": options, **dict.fromkeys(splits, _scores(value, value, 100 * value))}))
         return 1.0
 
     monkeypatch.setattr(real_glas, "run_stage", fake_stage)
-    configured = {"threshold": 0.5, "min_size": 300, "fill_holes": False, "split": "none",
-                  "contour_threshold": 0.5}
     (tmp_path / "study").mkdir()
     study = real_glas.postprocess_study(
         tmp_path, tmp_path / "saved_model", real_glas.Paths(tmp_path, tmp_path, tmp_path),
-        {"postprocess": configured, "outputs": ["mask"]}, "U-Net")
+        {"postprocess": MIN_SIZE_CONFIG, "outputs": ["mask"]}, "U-Net", **study_options)
+    return study, evaluated
+
+
+def test_study_scores_a_repeated_variant_once(tmp_path, monkeypatch):
+    study, evaluated = run_fake_study(tmp_path, monkeypatch)
     variants = study["variants"]
-    assert set(variants) == set(real_glas.study_variants(configured, has_contour=False))
+    assert set(variants) == set(real_glas.study_variants(MIN_SIZE_CONFIG, has_contour=False))
     assert len(evaluated) == 2 * (len(variants) - 1)  # test splits + validation, config once
     assert variants["config"]["same_as"] == "min_size"
     assert {split: variants["config"][split] for split in ("test_a", "test_b", "validation")} \
@@ -94,6 +107,19 @@ def test_study_scores_a_repeated_variant_once(tmp_path, monkeypatch):
     assert "same_as" not in variants["min_size"]
     assert study["selected_on_validation"]["rank_sums"]["config"] \
         == study["selected_on_validation"]["rank_sums"]["min_size"]
+
+
+def test_study_scores_the_flip_averaged_export_under_the_config_postprocessing(tmp_path, monkeypatch):
+    # The config's options are those of `min_size`, yet the flip variant is scored, on its model.
+    study, evaluated = run_fake_study(tmp_path, monkeypatch, flipped_saved_model=tmp_path / "flipped",
+                                      flipped_export_command="python -m keras_glas.export X")
+    flips = study["variants"][real_glas.FLIPS_VARIANT]
+    assert "same_as" not in flips and flips["export_command"] == "python -m keras_glas.export X"
+    config_options = tuple(real_glas.study_variants(MIN_SIZE_CONFIG, has_contour=False)["config"])
+    assert [entry for entry in evaluated if entry[0] == str(tmp_path / "flipped")] == \
+        [(str(tmp_path / "flipped"), config_options)] * 2  # test splits + validation
+    assert flips["validation"] != study["variants"]["config"]["validation"]
+    assert real_glas.FLIPS_VARIANT in study["selected_on_validation"]["rank_sums"]
 
 
 def _scores(f1, dice, hausdorff):
@@ -221,5 +247,6 @@ def test_smoke_chain_on_real_glas(shared_glas_dir, tmp_path):
         assert "--split validation" in scores["validation_command"]
         assert scores["validation"]["n_images"] >= 1
     assert study["selected_on_validation"]["variant"] in real_glas.SMOKE_STUDY_VARIANTS
+    assert "--test-time-flips" in study["variants"][real_glas.FLIPS_VARIANT]["export_command"]
     assert "smoke unet" in (out_dir / "leaderboard.md").read_text()
     assert (out_dir / "leaderboard.png").read_bytes()[:8] == PNG_MAGIC
