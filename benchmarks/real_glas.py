@@ -474,6 +474,12 @@ def train_command(model: str, paths: Paths, smoke: bool) -> list[str]:
     return argv + (SMOKE_TRAIN_ARGS[model] if smoke else [])
 
 
+def export_command(run_dir: Path, saved_model: Path, *options: str) -> list[str]:
+    """`keras_glas.export` of `run_dir` to `saved_model` (replaced if there), with `options`."""
+    return [sys.executable, "-m", "keras_glas.export", str(run_dir), str(saved_model), *options,
+            "--overwrite"]
+
+
 def evaluate_command(saved_model: Path, paths: Paths, json_path: Path, name: str,
                      figures: Path | None = None, postprocess=(), split="all") -> list[str]:
     argv = [sys.executable, "-m", "keras_glas.evaluate", str(saved_model), "--split", split,
@@ -683,8 +689,7 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
         clock.stop()
     commands["train"] = display_command(argv)
 
-    argv = [sys.executable, "-m", "keras_glas.export", str(run_dir), str(saved_model),
-            "--overwrite"]
+    argv = export_command(run_dir, saved_model)
     timings["export_s"] = round(run_stage(f"export-{model}", argv, paths.log_dir), 1)
     commands["export"] = display_command(argv)
 
@@ -699,8 +704,7 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
     if model == "unet":
         start = time.monotonic()
         flipped_saved_model = model_dir / "saved_model_test_time_flips"
-        argv = [sys.executable, "-m", "keras_glas.export", str(run_dir), str(flipped_saved_model),
-                "--test-time-flips", "--overwrite"]
+        argv = export_command(run_dir, flipped_saved_model, "--test-time-flips")
         run_stage(f"export-{model}-test-time-flips", argv, paths.log_dir)
         study = postprocess_study(model_dir, saved_model, paths, export_info, row_name,
                                   only=SMOKE_STUDY_VARIANTS if smoke else None,

@@ -8,11 +8,12 @@ and writes a SavedModel (contract 11) whose graph does everything a client needs
 - `serving_default(images: uint8 (N, H, W, 3))`, any H×W: scale to [0, 1], resize to the
   training scale (below), pad to a multiple of the network's stride, run (for a U-Net
   exported with `--test-time-flips`: on the four flips of the image, averaging the maps flipped
-  back), crop back, resize the maps back to H×W, post-process in graph at H×W (threshold, connected components,
-  optional small-object removal, hole filling and contour split; `min_size` counts native
-  pixels) → `instances` int32 (N, H, W), `probabilities` float32 (N, H, W), plus `contour`
-  float32 (N, H, W) for a U-Net with a contour head, or `boxes` float32 (N, D, 4) (yxyx pixels
-  of the original H×W image) and `scores` float32 (N, D) for Mask R-CNN.
+  back), crop back, resize the maps back to H×W, post-process in graph at H×W (threshold,
+  connected components, optional small-object removal, hole filling and contour split;
+  `min_size` counts native pixels) → `instances` int32 (N, H, W), `probabilities` float32
+  (N, H, W), plus `contour` float32 (N, H, W) for a U-Net with a contour head, or `boxes`
+  float32 (N, D, 4) (yxyx pixels of the original H×W image) and `scores` float32 (N, D) for
+  Mask R-CNN.
 - `serve_bytes(images: string (N,))`: PNG / BMP / JPEG bytes (TF Serving's REST `{"b64": ..}`)
   decoded in graph, then the same outputs. All images of one request must share a size.
 
@@ -145,24 +146,34 @@ def resize_maps(maps, height, width, method="bilinear"):
     return tf.image.resize(maps[..., None], (height, width), method=method)[..., 0]
 
 
-def flip_averaged(network, inputs, multiple):
-    """U-Net outputs averaged over the four flips of `inputs` (test-time augmentation).
+def run_cropped(network, inputs, multiple):
+    """One U-Net pass on images of any size: pad, run, crop back, float32.
 
     Args:
         network: a U-Net (contract 4): float32 (N, H', W', 3) → dict of (N, H', W', 1) maps.
         inputs: float32 (N, h, w, 3) in [0, 1], any h×w.
-        multiple: the network's input side multiple; each flip is padded at the bottom and
-            right after flipping, so every pass sees the padding where training put it.
+        multiple: the network's input side multiple (`unet_pad_multiple`); the padding goes
+            at the bottom and right, where the training pipeline puts it.
+    Returns:
+        dict of float32 (N, h, w, 1) maps.
+    """
+    height, width = tf.shape(inputs)[1], tf.shape(inputs)[2]
+    outputs = network(pad_to_multiple(inputs, multiple), training=False)
+    return {key: tf.cast(value[:, :height, :width], tf.float32) for key, value in outputs.items()}
+
+
+def flip_averaged(network, inputs, multiple):
+    """U-Net outputs averaged over the four flips of `inputs` (test-time augmentation).
+
+    Args: as `run_cropped`, whose bottom-right padding each flip gets after flipping, so every
+        pass sees the padding where training put it.
     Returns:
         dict of float32 (N, h, w, 1): the mean over identity, left-right, up-down and both
         flips of each output, each flipped back first.
     """
-    height, width = tf.shape(inputs)[1], tf.shape(inputs)[2]
     totals = None
     for axes in ((), (2,), (1,), (1, 2)):
-        flipped = tf.reverse(inputs, axes) if axes else inputs
-        outputs = network(pad_to_multiple(flipped, multiple), training=False)
-        maps = {key: tf.cast(value[:, :height, :width], tf.float32) for key, value in outputs.items()}
+        maps = run_cropped(network, tf.reverse(inputs, axes) if axes else inputs, multiple)
         if axes:
             maps = {key: tf.reverse(value, axes) for key, value in maps.items()}
         totals = maps if totals is None else {key: totals[key] + maps[key] for key in maps}
@@ -233,13 +244,7 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
 
     def serve_unet(images):
         inputs, height, width = network_input(images)
-        if test_time_flips:
-            outputs = flip_averaged(network, inputs, multiple)
-        else:
-            scaled_height, scaled_width = tf.shape(inputs)[1], tf.shape(inputs)[2]
-            outputs = network(pad_to_multiple(inputs, multiple), training=False)
-            outputs = {key: tf.cast(value[:, :scaled_height, :scaled_width], tf.float32)
-                       for key, value in outputs.items()}
+        outputs = (flip_averaged if test_time_flips else run_cropped)(network, inputs, multiple)
 
         def to_native(output):
             return resize_maps(output[..., 0], height, width) if image_size else output[..., 0]
