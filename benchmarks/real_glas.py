@@ -11,15 +11,17 @@ and its log):
    `tfds build glas/binary_masks --imports tfds_glas --manual_dir GLAS_DIR`); skipped when built;
 2. per model: `python -m keras_glas.train MODEL --config configs/MODEL_glas_cpu.yaml` into
    `WORK_DIR/MODEL/run` (rerunning the script resumes an interrupted training);
-3. `python -m keras_glas.export` to `WORK_DIR/MODEL/saved_model`;
-4. `python -m keras_glas.evaluate --split all --figures` on test A and B of `glas/binary_masks`:
+3. `python -m keras_glas.export --no-test-time-flips` to `WORK_DIR/MODEL/saved_model`, and for
+   the U-Net `--test-time-flips` (maps averaged over the four flips) to
+   `WORK_DIR/unet/saved_model_test_time_flips`;
+4. `python -m keras_glas.evaluate --split all --figures` of the export the config names
+   (`train.export_test_time_flips`) on test A and B of `glas/binary_masks`:
    the seed study's metrics (exact: its helper binarises the masks anyway) and the official
    metrics (approximate: ground-truth instances are connected components, touching glands
    merge);
 5. U-Net only: the post-processing study, the same SavedModel re-scored with each
-   post-processing step alone and all together (`evaluate --postprocess`), and a second export
-   with `--test-time-flips` (maps averaged over the four flips) under the config's
-   post-processing, on the test splits and on the run's validation images, which alone pick a
+   post-processing step alone and all together (`evaluate --postprocess`), and the
+   flip-averaged export under the config's post-processing, on the test splits and on the run's validation images, which alone pick a
    variant (`select_on_validation`);
 6. `python -m keras_glas.leaderboard` over every `OUT_DIR/real_glas_*.json`.
 
@@ -689,13 +691,23 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
         clock.stop()
     commands["train"] = display_command(argv)
 
-    argv = export_command(run_dir, saved_model)
+    argv = export_command(run_dir, saved_model, "--no-test-time-flips")
     timings["export_s"] = round(run_stage(f"export-{model}", argv, paths.log_dir), 1)
     commands["export"] = display_command(argv)
+    resolved_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    row_model = saved_model
+    if model == "unet":
+        flipped_saved_model = model_dir / "saved_model_test_time_flips"
+        argv = export_command(run_dir, flipped_saved_model, "--test-time-flips")
+        timings["export_test_time_flips_s"] = round(
+            run_stage(f"export-{model}-test-time-flips", argv, paths.log_dir), 1)
+        commands["export_test_time_flips"] = display_command(argv)
+        if resolved_config["train"]["export_test_time_flips"]:
+            row_model = flipped_saved_model
 
     figures = model_dir / "figures"
     eval_json = model_dir / "evaluate.json"
-    argv = evaluate_command(saved_model, paths, eval_json, row_name, figures=figures)
+    argv = evaluate_command(row_model, paths, eval_json, row_name, figures=figures)
     timings["evaluate_s"] = round(run_stage(f"evaluate-{model}", argv, paths.log_dir), 1)
     commands["evaluate"] = display_command(argv)
 
@@ -703,13 +715,10 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
     export_info = json.loads((saved_model / "assets.extra" / "keras_glas_export.json").read_text())
     if model == "unet":
         start = time.monotonic()
-        flipped_saved_model = model_dir / "saved_model_test_time_flips"
-        argv = export_command(run_dir, flipped_saved_model, "--test-time-flips")
-        run_stage(f"export-{model}-test-time-flips", argv, paths.log_dir)
         study = postprocess_study(model_dir, saved_model, paths, export_info, row_name,
                                   only=SMOKE_STUDY_VARIANTS if smoke else None,
                                   flipped_saved_model=flipped_saved_model,
-                                  flipped_export_command=display_command(argv))
+                                  flipped_export_command=commands["export_test_time_flips"])
         timings["postprocess_study_s"] = round(time.monotonic() - start, 1)
         write_json(paths.out_dir / "postprocess_study.json", study)
 
@@ -739,7 +748,7 @@ def run_model(model: str, paths: Paths, smoke: bool, dataset_stage: dict) -> dic
                         "merge)",
         },
         "config_file": str(config_path(model).relative_to(REPO_ROOT)),
-        "resolved_config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "resolved_config": resolved_config,
         "commands": commands,
         "timings": timings,
         # elapsed_s: seconds since the train command started, when the epoch's row appeared;

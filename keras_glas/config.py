@@ -171,6 +171,9 @@ class TrainConfig:
     `auto` or `false` only. `export_checkpoint` is the checkpoint `keras_glas.export` takes
     unless `--checkpoint` says otherwise: `best` (the best `monitor` so far) or `last` (the
     end of training, for a schedule fixed in advance, e.g. cosine to 0).
+    `export_test_time_flips` (U-Net only) is `keras_glas.export`'s default for
+    `--test-time-flips`: the SavedModel averages the maps over the four flips of each image.
+    The validation GlaS metrics of training score without flips, at a quarter of the cost.
     """
 
     epochs: int = 900
@@ -187,6 +190,7 @@ class TrainConfig:
     seed: int = 0
     monitor: str | None = None
     export_checkpoint: Literal["best", "last"] = "best"
+    export_test_time_flips: bool = False
     glas_metrics_every: int | None = 1
     finetune: FinetuneConfig | None = None
 
@@ -331,6 +335,12 @@ def _to_config(raw: dict, sources: _Sources) -> Config:
             f"{sources.of('train.jit_compile')}: train.jit_compile=true applies to the U-Net "
             "only: Mask R-CNN's train step runs CombinedNonMaxSuppression, which XLA cannot "
             "compile. Use auto or false"
+        )
+    if config.model.name == "maskrcnn" and config.train.export_test_time_flips:
+        raise ConfigError(
+            f"{sources.of('train.export_test_time_flips')}: train.export_test_time_flips "
+            "applies to the U-Net only: averaging Mask R-CNN's instances over flips is not "
+            "defined. Set it to false"
         )
     if config.model.name == "unet":
         _check_unet_input_divisible(config, sources)

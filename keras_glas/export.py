@@ -433,17 +433,20 @@ def load_run_model(run_dir, checkpoint=None):
 
 
 def export_run(run_dir, out_dir, checkpoint=None, overwrite=False, postprocess_overrides=(),
-               image_size=None, test_time_flips=False):
+               image_size=None, test_time_flips=None):
     """Export a training run (contract 10) as a SavedModel; see `export_model`.
 
     `image_size` None runs the network at the run's training scale `data.image_size`; an int
-    overrides it (0 = native resolution).
+    overrides it (0 = native resolution). `test_time_flips` None takes the run's
+    `train.export_test_time_flips`.
     """
     _check_destination(Path(out_dir), overwrite)
     model, config, weights = load_run_model(run_dir, checkpoint)
     options = postprocess_options(getattr(config, "postprocess", None), postprocess_overrides)
     if image_size is None:
         image_size = config.data.image_size
+    if test_time_flips is None:
+        test_time_flips = config.train.export_test_time_flips
     return export_model(model, out_dir, options, Path(run_dir) / CONFIG_FILE, overwrite, image_size,
                         weights, test_time_flips)
 
@@ -501,9 +504,10 @@ def main(argv=None):
                              "resolution, for models trained on native-scale crops")
     parser.add_argument("--postprocess", nargs="*", default=(), metavar="KEY=VALUE",
                         help="override the run's post-processing options, e.g. min_size=50")
-    parser.add_argument("--test-time-flips", action="store_true",
+    parser.add_argument("--test-time-flips", action=argparse.BooleanOptionalAction,
+                        default=None,
                         help="U-Net: average the maps over the four flips of each image (4x the "
-                             "inference time)")
+                             "inference time); default: the run's train.export_test_time_flips")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     args = parser.parse_args(argv)
     try:

@@ -180,3 +180,12 @@ def test_jit_compile_is_auto_or_a_bool_and_unet_only_when_forced(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path}.*U-Net only.*auto or false"):
         load_config(path)
     assert load_config(path, ["train.jit_compile=auto"]).train.jit_compile == "auto"
+
+
+def test_export_test_time_flips_is_a_bool_for_the_unet_only(tmp_path):
+    assert load_config(None).train.export_test_time_flips is False
+    assert load_config(None, ["train.export_test_time_flips=true"]).train.export_test_time_flips
+    path = write(tmp_path, "model:\n  name: maskrcnn\ntrain:\n  export_test_time_flips: true\n")
+    with pytest.raises(ConfigError, match=rf"{path}.*U-Net only.*Set it to false"):
+        load_config(path)
+    assert not load_config(path, ["train.export_test_time_flips=false"]).train.export_test_time_flips

@@ -313,9 +313,10 @@ def test_postprocess_overrides_are_typed_and_validated():
         export.postprocess_options(None, ["colour=red"])
 
 
-def write_run_dir(run_dir, model, image_size, export_checkpoint="best"):
+def write_run_dir(run_dir, model, image_size, **train_options):
     """A minimal training run dir (contract 10) for `model`, a tiny U-Net without contour head,
-    trained at `data.image_size` = `image_size`, whose last checkpoint holds `model`'s weights."""
+    trained at `data.image_size` = `image_size` with `TrainConfig(**train_options)`, whose last
+    checkpoint holds `model`'s weights."""
     from keras_glas.config import (
         Config,
         DataConfig,
@@ -325,7 +326,7 @@ def write_run_dir(run_dir, model, image_size, export_checkpoint="best"):
     )
 
     config = Config(data=DataConfig(image_size=image_size), model=UNetConfig(base_filters=8, depth=DEPTH),
-                    train=TrainConfig(export_checkpoint=export_checkpoint),
+                    train=TrainConfig(**train_options),
                     postprocess=PostprocessOptions(min_size=3))
     save_config(config, run_dir / "config.yaml")
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -382,6 +383,27 @@ def test_export_takes_the_checkpoint_the_run_configures_unless_told_otherwise(tm
         np.testing.assert_allclose(served["probabilities"][0], expected[name], atol=1e-5)
         weights = run_dir.resolve() / "checkpoints" / f"{name}.weights.h5"
         assert export.read_export_info(out_dir)["weights"] == str(weights)
+
+
+def test_export_averages_flips_when_the_run_configures_it_unless_told_otherwise(tmp_path):
+    keras.utils.set_random_seed(3)  # random weights: not flip-equivariant, unlike tiny_unet's
+    model = build_unet(base_filters=8, depth=DEPTH)
+    run_dir = tmp_path / "run"
+    write_run_dir(run_dir, model, image_size=64, export_checkpoint="last",
+                  export_test_time_flips=True)
+    image = blob_image(40, 64)
+    flips = (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: a[::-1, ::-1])
+    averaged = np.mean([flip(keras_reference(model, np.ascontiguousarray(flip(image)),
+                                             PostprocessOptions(min_size=3), 64)[0])
+                        for flip in flips], axis=0)
+    plain = keras_reference(model, image, PostprocessOptions(min_size=3), 64)[0]
+    assert np.abs(averaged - plain).max() > 1e-3
+    for argv, flips, expected in (([], True, averaged), (["--no-test-time-flips"], False, plain)):
+        out_dir = tmp_path / f"exported_{flips}"
+        export.main([str(run_dir), str(out_dir), *argv])
+        assert export.read_export_info(out_dir)["test_time_flips"] is flips
+        served = tf.saved_model.load(str(out_dir)).signatures["serving_default"](images=tf.constant(image[None]))
+        np.testing.assert_allclose(served["probabilities"][0], expected, atol=1e-5)
 
 
 def test_maskrcnn_round_trip_in_fresh_process_boxes_in_original_pixels(tmp_path):

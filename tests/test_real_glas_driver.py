@@ -215,6 +215,12 @@ def test_smoke_chain_on_real_glas(shared_glas_dir, tmp_path):
     for stage in ("train", "export", "evaluate"):
         assert record["commands"][stage].startswith(f"python -m keras_glas.{stage} ")
     assert "--figures" in record["commands"]["evaluate"]
+    assert "--test-time-flips" in record["commands"]["export_test_time_flips"]
+    assert "export_test_time_flips_s" in record["timings"]
+    # The row is the export the config names.
+    flips = record["resolved_config"]["train"]["export_test_time_flips"]
+    assert ("saved_model_test_time_flips " in record["commands"]["evaluate"]) is flips
+    assert "--no-test-time-flips" in record["commands"]["export"]
     assert all(seconds > 0 for seconds in record["timings"].values()), record["timings"]
     assert record["resolved_config"]["model"]["base_filters"] == 4
     assert record["resolved_config"]["data"]["input_height"] == 48  # a lower canvas trains
