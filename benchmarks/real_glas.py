@@ -19,10 +19,10 @@ and its log):
    the seed study's metrics (exact: its helper binarises the masks anyway) and the official
    metrics (approximate: ground-truth instances are connected components, touching glands
    merge);
-5. U-Net only: the post-processing study, the same SavedModel re-scored with each
+5. U-Net only: the post-processing study, the export without flips re-scored with each
    post-processing step alone and all together (`evaluate --postprocess`), and the
-   flip-averaged export under the config's post-processing, on the test splits and on the run's validation images, which alone pick a
-   variant (`select_on_validation`);
+   flip-averaged export under the config's post-processing, on the test splits and on the
+   run's validation images, which alone pick a variant (`select_on_validation`);
 6. `python -m keras_glas.leaderboard` over every `OUT_DIR/real_glas_*.json`.
 
 Outputs in OUT_DIR: `real_glas_<model>.json` (the evaluate JSON plus the exact commands, the

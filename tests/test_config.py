@@ -188,4 +188,5 @@ def test_export_test_time_flips_is_a_bool_for_the_unet_only(tmp_path):
     path = write(tmp_path, "model:\n  name: maskrcnn\ntrain:\n  export_test_time_flips: true\n")
     with pytest.raises(ConfigError, match=rf"{path}.*U-Net only.*Set it to false"):
         load_config(path)
-    assert not load_config(path, ["train.export_test_time_flips=false"]).train.export_test_time_flips
+    flips_off = load_config(path, ["train.export_test_time_flips=false"])
+    assert flips_off.train.export_test_time_flips is False

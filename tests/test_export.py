@@ -402,7 +402,8 @@ def test_export_averages_flips_when_the_run_configures_it_unless_told_otherwise(
         out_dir = tmp_path / f"exported_{flips}"
         export.main([str(run_dir), str(out_dir), *argv])
         assert export.read_export_info(out_dir)["test_time_flips"] is flips
-        served = tf.saved_model.load(str(out_dir)).signatures["serving_default"](images=tf.constant(image[None]))
+        serve = tf.saved_model.load(str(out_dir)).signatures["serving_default"]
+        served = serve(images=tf.constant(image[None]))
         np.testing.assert_allclose(served["probabilities"][0], expected, atol=1e-5)
 
 
