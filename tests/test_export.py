@@ -17,6 +17,8 @@ from keras_glas.models.unet import build_unet
 from keras_glas.postprocess import PostprocessOptions, postprocess_instances
 
 DEPTH = 2
+# The four flips of test-time augmentation on (H, W[, C]) arrays; each is its own inverse.
+FLIPS = (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: a[::-1, ::-1])
 IMAGE_SIZE = 300  # training scale of the module's export: 437×613 runs at 214×300
 OPTIONS = PostprocessOptions(threshold=0.5, min_size=6, fill_holes=True, split="contour",
                              contour_threshold=0.6)
@@ -250,7 +252,7 @@ def test_test_time_flips_average_the_four_flips_and_make_the_maps_flip_equivaria
 
     odd = blob_image(37, 50, seed=5)
     passes = []
-    for flip in (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: a[::-1, ::-1]):
+    for flip in FLIPS:
         probability, contour, _ = keras_reference(model, np.ascontiguousarray(flip(odd)), OPTIONS)
         passes.append((flip(probability), flip(contour)))
     served = averaged(tf.constant(odd[None]))
@@ -392,16 +394,15 @@ def test_export_averages_flips_when_the_run_configures_it_unless_told_otherwise(
     write_run_dir(run_dir, model, image_size=64, export_checkpoint="last",
                   export_test_time_flips=True)
     image = blob_image(40, 64)
-    flips = (lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: a[::-1, ::-1])
     averaged = np.mean([flip(keras_reference(model, np.ascontiguousarray(flip(image)),
                                              PostprocessOptions(min_size=3), 64)[0])
-                        for flip in flips], axis=0)
+                        for flip in FLIPS], axis=0)
     plain = keras_reference(model, image, PostprocessOptions(min_size=3), 64)[0]
     assert np.abs(averaged - plain).max() > 1e-3
-    for argv, flips, expected in (([], True, averaged), (["--no-test-time-flips"], False, plain)):
-        out_dir = tmp_path / f"exported_{flips}"
+    for argv, flipped, expected in (([], True, averaged), (["--no-test-time-flips"], False, plain)):
+        out_dir = tmp_path / f"exported_{flipped}"
         export.main([str(run_dir), str(out_dir), *argv])
-        assert export.read_export_info(out_dir)["test_time_flips"] is flips
+        assert export.read_export_info(out_dir)["test_time_flips"] is flipped
         serve = tf.saved_model.load(str(out_dir)).signatures["serving_default"]
         served = serve(images=tf.constant(image[None]))
         np.testing.assert_allclose(served["probabilities"][0], expected, atol=1e-5)
