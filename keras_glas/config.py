@@ -174,6 +174,10 @@ class TrainConfig:
     `export_test_time_flips` (U-Net only) is `keras_glas.export`'s default for
     `--test-time-flips`: the SavedModel averages the maps over the four flips of each image.
     The validation GlaS metrics of training score without flips, at a quarter of the cost.
+    `ema_momentum: m` keeps an exponential moving average of the weights in every stage's
+    optimizer (Keras `use_ema`, `average = m * average + (1 - m) * weights` each step, so it
+    spans ~1 / (1 - m) steps); validation, the GlaS metrics, the checkpoints and so the
+    exported model use the average, while training goes on from the raw weights. `null`: off.
     """
 
     epochs: int = 900
@@ -192,6 +196,7 @@ class TrainConfig:
     export_checkpoint: Literal["best", "last"] = "best"
     export_test_time_flips: bool = False
     glas_metrics_every: int | None = 1
+    ema_momentum: float | None = None
     finetune: FinetuneConfig | None = None
 
     def __post_init__(self):
@@ -203,6 +208,8 @@ class TrainConfig:
         if self.early_stopping_patience is not None:
             _check_positive(early_stopping_patience=self.early_stopping_patience)
         _check_non_negative(momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in (0, 1) or null, got {self.ema_momentum}")
 
 
 @dataclasses.dataclass(frozen=True)

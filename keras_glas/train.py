@@ -224,30 +224,35 @@ class Stage:
     learning_rate: float
     momentum: float
     weight_decay: float
+    ema_momentum: float | None = None
 
 
 def training_stages(config: Config) -> list[Stage]:
     """The main stage, then the fine-tune stage when configured."""
     train = config.train
     stages = [Stage("main", 0, train.epochs, train.optimizer, train.learning_rate,
-                    train.momentum, train.weight_decay)]
+                    train.momentum, train.weight_decay, train.ema_momentum)]
     if train.finetune is not None:
         finetune = train.finetune
         stages.append(Stage("finetune", train.epochs, train.epochs + finetune.epochs,
                             finetune.optimizer, finetune.learning_rate, 0.0,
-                            finetune.weight_decay))
+                            finetune.weight_decay, train.ema_momentum))
     return stages
 
 
 def make_optimizer(stage: Stage) -> keras.optimizers.Optimizer:
-    """SGD / Adam / AdamW with the stage's learning rate and weight decay (None when 0)."""
+    """SGD / Adam / AdamW with the stage's learning rate and weight decay (None when 0), and a
+    moving average of the weights when `stage.ema_momentum` is set."""
     weight_decay = stage.weight_decay or None
+    ema = {"use_ema": stage.ema_momentum is not None}
+    if stage.ema_momentum is not None:
+        ema["ema_momentum"] = stage.ema_momentum
     if stage.optimizer == "sgd":
         return keras.optimizers.SGD(stage.learning_rate, momentum=stage.momentum,
-                                    weight_decay=weight_decay)
+                                    weight_decay=weight_decay, **ema)
     if stage.optimizer == "adam":
-        return keras.optimizers.Adam(stage.learning_rate, weight_decay=weight_decay)
-    return keras.optimizers.AdamW(stage.learning_rate, weight_decay=stage.weight_decay)
+        return keras.optimizers.Adam(stage.learning_rate, weight_decay=weight_decay, **ema)
+    return keras.optimizers.AdamW(stage.learning_rate, weight_decay=stage.weight_decay, **ema)
 
 
 def compile_model(model: keras.Model, config: Config, optimizer: keras.optimizers.Optimizer):
@@ -379,9 +384,9 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 def make_callbacks(run_dir: Path, config: Config, stage: Stage) -> list:
-    """Backup (first, so every history row has its backup), the GlaS validation metrics
-    (before everything that reads the logs), checkpoints, early stopping, LR schedule,
-    TensorBoard and the CSV history."""
+    """Backup (first, so every history row has its backup), the swap to the averaged weights
+    (with `ema_momentum`), the GlaS validation metrics (before everything that reads the logs),
+    checkpoints, early stopping, LR schedule, TensorBoard and the CSV history."""
     train = config.train
     monitor, mode = train.monitor, _monitor_mode(train.monitor)
     history = run_dir / "history.csv"
@@ -391,6 +396,11 @@ def make_callbacks(run_dir: Path, config: Config, stage: Stage) -> list:
         keras.callbacks.BackupAndRestore(str(run_dir / "backup" / stage.name),
                                          delete_checkpoint=False),
     ]
+    if stage.ema_momentum is not None:
+        # After the backup, which must hold the raw weights to resume training from, and before
+        # everything that scores or saves the model: from the end of each epoch to the start of
+        # the next the model holds the averaged weights (validation swaps them in by itself).
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if train.glas_metrics_every is not None and config.data.validation_fraction > 0:
         callbacks.append(GlasMetricsCallback(
             config.data.dataset, f"train[:{config.data.validation_percent}%]",

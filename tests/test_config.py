@@ -107,6 +107,9 @@ def test_out_of_range_values_are_errors():
         load_config(None, ["data.image_size=64", "data.input_height=96"])
     with pytest.raises(ConfigError, match="threshold"):
         load_config(None, ["postprocess.threshold=1.5"])
+    with pytest.raises(ConfigError, match=r"ema_momentum must be in \(0, 1\) or null, got 1"):
+        load_config(None, ["train.ema_momentum=1"])
+    assert load_config(None, ["train.ema_momentum=0.99"]).train.ema_momentum == 0.99
 
 
 def test_unet_inputs_must_be_multiples_of_its_pooling_stride(tmp_path):

@@ -156,6 +156,35 @@ def test_mixed_float16_wraps_the_optimizer_in_loss_scaling():
     assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
 
 
+def load_weights_into_compiled(path, config):
+    """A compiled model of `config` with `path` loaded into its weights and optimizer state."""
+    model = build_model(config.model)
+    compile_model(model, config, make_optimizer(training_stages(config)[0]))
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(path)
+    return model
+
+
+@pytest.mark.parametrize("ema_momentum", [None, 0.5])
+def test_ema_checkpoints_hold_the_averaged_weights_and_the_backup_the_raw_ones(
+        tmp_path, tiny_unet_config, ema_momentum):
+    config = tiny_unet_config("train.epochs=2", f"train.ema_momentum={ema_momentum or 'null'}")
+    train(config, tmp_path, verbose=0)
+    checkpoint = load_weights_into_compiled(tmp_path / "checkpoints" / "last.weights.h5", config)
+    saved = [variable.numpy() for variable in checkpoint.trainable_variables]
+    backup = load_weights_into_compiled(tmp_path / "backup" / "main" / "latest.weights.h5", config)
+    raw = [variable.numpy() for variable in backup.trainable_variables]
+    same = [np.allclose(a, b) for a, b in zip(saved, raw)]
+    if ema_momentum is None:
+        assert all(same)
+        return
+    assert not all(same)  # 4 steps of SGD at lr 0.1 move the raw weights off their average
+    # The backup's optimizer holds the average the checkpoint was saved from.
+    backup.optimizer.finalize_variable_values(backup.trainable_variables)
+    for variable, value in zip(backup.trainable_variables, saved):
+        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-6, err_msg=variable.path)
+
+
 def test_mirrored_strategy_runs_both_stages(tmp_path, tiny_unet_config, two_cpu_strategy):
     strategy = two_cpu_strategy
     config = tiny_unet_config("train.finetune.epochs=1", "train.finetune.learning_rate=1e-4")
