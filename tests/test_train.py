@@ -165,11 +165,12 @@ def load_weights_into_compiled(path, config):
     return model
 
 
-@pytest.mark.parametrize("ema_momentum", [None, 0.5])
+# Mirrored: SwapEMAWeights swaps through the strategy's `extended.update`, not plain assigns.
+@pytest.mark.parametrize("ema_momentum, mirrored", [(None, False), (0.5, False), (0.5, True)])
 def test_ema_checkpoints_hold_the_averaged_weights_and_the_backup_the_raw_ones(
-        tmp_path, tiny_unet_config, ema_momentum):
+        tmp_path, tiny_unet_config, two_cpu_strategy, ema_momentum, mirrored):
     config = tiny_unet_config("train.epochs=2", f"train.ema_momentum={ema_momentum or 'null'}")
-    train(config, tmp_path, verbose=0)
+    train(config, tmp_path, strategy=two_cpu_strategy if mirrored else None, verbose=0)
     checkpoint = load_weights_into_compiled(tmp_path / "checkpoints" / "last.weights.h5", config)
     saved = [variable.numpy() for variable in checkpoint.trainable_variables]
     backup = load_weights_into_compiled(tmp_path / "backup" / "main" / "latest.weights.h5", config)
