@@ -244,9 +244,8 @@ def make_optimizer(stage: Stage) -> keras.optimizers.Optimizer:
     """SGD / Adam / AdamW with the stage's learning rate and weight decay (None when 0), and a
     moving average of the weights when `stage.ema_momentum` is set."""
     weight_decay = stage.weight_decay or None
-    ema = {"use_ema": stage.ema_momentum is not None}
-    if stage.ema_momentum is not None:
-        ema["ema_momentum"] = stage.ema_momentum
+    ema = ({} if stage.ema_momentum is None
+           else {"use_ema": True, "ema_momentum": stage.ema_momentum})
     if stage.optimizer == "sgd":
         return keras.optimizers.SGD(stage.learning_rate, momentum=stage.momentum,
                                     weight_decay=weight_decay, **ema)
