@@ -67,9 +67,8 @@ class ScoredImage:
     image: np.ndarray | None = None  # uint8 (H, W, 3)
 
 
-def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, keep_images=False,
-                  progress=True):
-    """Run `predictor` over a test split.
+def predicted_examples(predictor, dataset, split, data_dir=None, progress=True):
+    """Run `predictor` over a split, one example at a time.
 
     Args:
         predictor: callable uint8 (H, W, 3) → dict with `instances`, `probabilities`
@@ -77,35 +76,54 @@ def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, ke
         dataset: TFDS name (`glas`, `glas/synthetic`, `glas/binary_masks`).
         split: TFDS split name.
         data_dir: TFDS data_dir.
-        postprocess: None to use the `instances` output; a `PostprocessOptions` to rebuild
-            instances from `probabilities` (+ `contour`) with NumPy `postprocess_instances`.
-        keep_images: keep each input image (for figures).
         progress: show a progress bar.
-    Returns:
-        list of `ScoredImage`, in dataset order.
+    Yields:
+        `(name, image, ground_truth, outputs)`: str, uint8 (H, W, 3), int32 (H, W) and the
+        predictor's dict of NumPy arrays, in dataset order.
+    Raises:
+        keras_glas.data.DatasetError: the split's records are damaged (it names the rebuild
+            command).
     """
     from keras_glas.data import damaged_records_error, make_dataset
 
     examples = make_dataset(dataset, split=split, model="eval", data_dir=data_dir)
     total = int(examples.cardinality())
-    scored = []
     try:
         for example in tqdm(examples.as_numpy_iterator(), desc=split, unit="image",
                             total=total if total > 0 else None, disable=not progress):
             image = example["image"][0]
-            outputs = predictor(image)
-            if postprocess is None:
-                prediction = outputs["instances"]
-            else:
-                prediction = postprocess_instances(outputs["probabilities"], outputs.get("contour"),
-                                                   postprocess)
-            scored.append(ScoredImage(name=example["name"][0].decode(),
-                                      prediction=prediction.astype(np.int32),
-                                      ground_truth=example["instances"][0].astype(np.int32),
-                                      image=image if keep_images else None))
+            yield (example["name"][0].decode(), image, example["instances"][0].astype(np.int32),
+                   predictor(image))
     except tf.errors.DataLossError as error:
         raise damaged_records_error(dataset, data_dir, error) from error
-    return scored
+
+
+def postprocessed(outputs, postprocess=None):
+    """The instance map int32 (H, W) of one prediction's `outputs`: their `instances` when
+    `postprocess` is None, else `probabilities` (+ `contour`) post-processed again in NumPy
+    with the `PostprocessOptions` given."""
+    if postprocess is None:
+        return outputs["instances"].astype(np.int32)
+    return postprocess_instances(outputs["probabilities"], outputs.get("contour"),
+                                 postprocess).astype(np.int32)
+
+
+def predict_split(predictor, dataset, split, data_dir=None, postprocess=None, keep_images=False,
+                  progress=True):
+    """Run `predictor` over a test split (`predicted_examples`) and keep the instance maps.
+
+    Args:
+        predictor, dataset, split, data_dir, progress: as in `predicted_examples`.
+        postprocess: None to use the `instances` output; a `PostprocessOptions` to rebuild
+            instances from `probabilities` (+ `contour`) with NumPy `postprocess_instances`.
+        keep_images: keep each input image (for figures).
+    Returns:
+        list of `ScoredImage`, in dataset order.
+    """
+    return [ScoredImage(name=name, prediction=postprocessed(outputs, postprocess),
+                        ground_truth=ground_truth, image=image if keep_images else None)
+            for name, image, ground_truth, outputs in predicted_examples(
+                predictor, dataset, split, data_dir, progress)]
 
 
 def score_split(scored):

@@ -74,7 +74,7 @@ def damaged_synthetic_copy(synthetic_data_dir, tmp_path):
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_unet_config(synthetic_data_dir):
     """Makes a `Config` of the seed's U-Net recipe shrunk for CPU tests, plus overrides.
 

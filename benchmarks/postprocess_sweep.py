@@ -1,0 +1,184 @@
+"""Benchmark: a grid of U-Net post-processing settings on one SavedModel, predicting once.
+
+    python -m benchmarks.postprocess_sweep SAVED_MODEL --dataset glas/binary_masks \\
+        --data-dir D --grid threshold=0.4,0.5,0.6 min_size=300,600,1000,1500 \\
+        [--splits validation test_a test_b] [--out FILE]
+
+The driver's post-processing study (`benchmarks.real_glas`) runs `keras_glas.evaluate` once per
+variant, a whole inference each time (4 with test-time flips). A grid of numeric settings (the
+foreground threshold, the smallest object kept) multiplies the variants, so this sweep runs the
+SavedModel once per split, keeps its `probabilities` (+ `contour`) maps (float32, ~1.6 MB per
+map of a 775x522 image), and post-processes them again in NumPy
+(`keras_glas.postprocess.postprocess_instances`) under every combination of the grid, each over
+the SavedModel's own options. Each combination is scored like `evaluate` scores a split
+(official metrics, approximate on `glas/binary_masks`, and the seed's). With the `validation`
+split (the run's held-out training images), `selected_on_validation` is the combination with
+the best validation rank sum (`benchmarks.real_glas.select_on_validation`): its test scores
+estimate choosing post-processing by this sweep without looking at the test splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import shlex
+import sys
+import time
+
+from keras_glas.evaluate import (
+    DATASETS,
+    SPLITS,
+    VALIDATION,
+    ScoredImage,
+    postprocessed,
+    predicted_examples,
+    score_split,
+    validation_split,
+)
+from keras_glas.export import postprocess_options, read_export_info
+from keras_glas.predict import SavedModelPredictor
+
+from benchmarks.machine import machine_info, save_results
+from benchmarks.real_glas import METRIC_DIRECTIONS, select_on_validation
+
+# The maps each prediction keeps for re-post-processing (the `instances` output is not needed).
+MAP_KEYS = ("probabilities", "contour")
+
+
+def parse_grid(entries) -> dict[str, list[str]]:
+    """`["threshold=0.4,0.5", "min_size=300"]` → `{"threshold": ["0.4", "0.5"], "min_size":
+    ["300"]}`, in the order given.
+
+    Raises:
+        ValueError: an entry is not `key=value[,value...]`, or names a key twice.
+    """
+    grid = {}
+    for entry in entries:
+        key, sep, values = entry.partition("=")
+        key = key.strip()
+        choices = [value.strip() for value in values.split(",") if value.strip()]
+        if not sep or not key or not choices:
+            raise ValueError(f"bad grid entry {entry!r}: expected key=value[,value...], "
+                             "e.g. min_size=300,600,1000")
+        if key in grid:
+            raise ValueError(f"grid key {key!r} is given twice: list its values once, "
+                             "comma-separated")
+        grid[key] = choices
+    return grid
+
+
+def grid_overrides(grid: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Every combination of `grid` as `{name: ["key=value", ...]}`, named `key=value,...` in
+    the grid's key order (the first key varies slowest)."""
+    combinations = itertools.product(*([f"{key}={value}" for value in values]
+                                       for key, values in grid.items()))
+    return {",".join(overrides): list(overrides) for overrides in combinations}
+
+
+def sweep(saved_model, dataset, data_dir, grid, splits=(VALIDATION, *SPLITS), progress=True):
+    """Scores `saved_model` (a U-Net SavedModel) under every combination of `grid`.
+
+    Args:
+        saved_model: path of a SavedModel written by `keras_glas.export`.
+        dataset, data_dir: TFDS dataset name and data_dir.
+        grid: `{option: [value text, ...]}` over `PostprocessOptions` fields (`parse_grid`).
+        splits: `validation` and / or test split names.
+        progress: show progress bars.
+    Returns:
+        `{"base_postprocess", "grid", "variants": {name: {"postprocess", <split>: scores}},
+        "seconds": {"predict", "postprocess_and_score"}[, "validation_split"]
+        [, "selected_on_validation"]}`.
+    Raises:
+        ValueError: the SavedModel is not a U-Net, or the grid names an unknown option or a
+            bad value (before any prediction).
+    """
+    info = read_export_info(saved_model)
+    if info.get("model_kind", "unet") != "unet":
+        raise ValueError(f"{saved_model} is a {info['model_kind']} SavedModel: only a U-Net's "
+                         "probabilities can be post-processed again")
+    base = info.get("postprocess")
+    variants = {name: postprocess_options(base, overrides)
+                for name, overrides in grid_overrides(grid).items()}
+    predictor = SavedModelPredictor(saved_model)
+    record = {"base_postprocess": base, "grid": grid, "variants": {}}
+    kept, start = {}, time.perf_counter()
+    for split in splits:
+        tfds_split = split
+        if split == VALIDATION:
+            tfds_split = record["validation_split"] = validation_split(saved_model)
+        kept[split] = [(ground_truth, {key: outputs[key] for key in MAP_KEYS if key in outputs})
+                       for _, _, ground_truth, outputs in predicted_examples(
+                           predictor, dataset, tfds_split, data_dir, progress)]
+    predict_seconds, start = time.perf_counter() - start, time.perf_counter()
+    for name, options in variants.items():
+        record["variants"][name] = {"postprocess": dataclasses.asdict(options)}
+        for split, examples in kept.items():
+            scored = [ScoredImage(f"{split}_{index}", postprocessed(maps, options), ground_truth)
+                      for index, (ground_truth, maps) in enumerate(examples)]
+            record["variants"][name][split] = score_split(scored)
+        if progress:
+            print(f"  {name}: " + ", ".join(
+                f"{split} F1 {scores['f1']:.3f} Dice {scores['object_dice']:.3f} "
+                f"Hausdorff {scores['object_hausdorff']:.1f}"
+                for split, scores in record["variants"][name].items() if split in kept))
+    record["seconds"] = {"predict": round(predict_seconds, 1),
+                         "postprocess_and_score": round(time.perf_counter() - start, 1)}
+    if VALIDATION in kept:
+        record["selected_on_validation"] = select_on_validation(record["variants"])
+    return record
+
+
+def format_table(record) -> str:
+    """Markdown table: one row per combination, official metrics of each split scored."""
+    splits = [split for split in (VALIDATION, *SPLITS) if split in next(
+        iter(record["variants"].values()))]
+    selected = record.get("selected_on_validation", {})
+    header = ["post-processing"] + [f"{split} {metric}" for split in splits
+                                    for metric in METRIC_DIRECTIONS]
+    if selected:
+        header.append("validation rank sum")
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for name, variant in record["variants"].items():
+        label = f"**{name}**" if name == selected.get("variant") else name
+        cells = [label] + [f"{variant[split][metric]:.3f}" for split in splits
+                           for metric in METRIC_DIRECTIONS]
+        if selected:
+            cells.append(str(selected["rank_sums"][name]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.postprocess_sweep",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("saved_model", metavar="SAVED_MODEL",
+                        help="a U-Net SavedModel from python -m keras_glas.export")
+    parser.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                        help="post-processing options and the values to try, e.g. "
+                             "threshold=0.4,0.5,0.6 min_size=300,1000")
+    parser.add_argument("--dataset", default="glas/binary_masks", choices=DATASETS)
+    parser.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    parser.add_argument("--splits", nargs="+", default=[VALIDATION, *SPLITS],
+                        choices=(VALIDATION, *SPLITS))
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
+    args = parser.parse_args(argv)
+    try:
+        record = sweep(args.saved_model, args.dataset, args.data_dir, parse_grid(args.grid),
+                       tuple(args.splits))
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    record = {"saved_model": args.saved_model, "dataset": args.dataset,
+              "command": shlex.join(["python", "-m", "benchmarks.postprocess_sweep",
+                                     *(argv if argv is not None else sys.argv[1:])]),
+              **record, **machine_info()}
+    print(format_table(record))
+    if "selected_on_validation" in record:
+        print(f"selected on validation: {record['selected_on_validation']['variant']} "
+              f"(rank sum {record['selected_on_validation']['rank_sum']})")
+    save_results(args.out, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
