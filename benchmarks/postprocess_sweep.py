@@ -33,10 +33,11 @@ from keras_glas.evaluate import (
     ScoredImage,
     postprocessed,
     predicted_examples,
+    repostprocess_options,
     score_split,
     validation_split,
 )
-from keras_glas.export import postprocess_options, read_export_info
+from keras_glas.export import read_export_info
 from keras_glas.predict import SavedModelPredictor
 
 from benchmarks.machine import machine_info, save_results
@@ -91,31 +92,28 @@ def sweep(saved_model, dataset, data_dir, grid, splits=(VALIDATION, *SPLITS), pr
         [, "selected_on_validation"]}`.
     Raises:
         ValueError: the SavedModel is not a U-Net, or the grid names an unknown option or a
-            bad value (before any prediction).
+            bad value (`keras_glas.evaluate.repostprocess_options`, before any prediction).
     """
     info = read_export_info(saved_model)
-    if info.get("model_kind", "unet") != "unet":
-        raise ValueError(f"{saved_model} is a {info['model_kind']} SavedModel: only a U-Net's "
-                         "probabilities can be post-processed again")
-    base = info.get("postprocess")
-    variants = {name: postprocess_options(base, overrides)
+    variants = {name: repostprocess_options(info, overrides)
                 for name, overrides in grid_overrides(grid).items()}
     predictor = SavedModelPredictor(saved_model)
-    record = {"base_postprocess": base, "grid": grid, "variants": {}}
+    record = {"base_postprocess": info.get("postprocess"), "grid": grid, "variants": {}}
     kept, start = {}, time.perf_counter()
     for split in splits:
         tfds_split = split
         if split == VALIDATION:
             tfds_split = record["validation_split"] = validation_split(saved_model)
-        kept[split] = [(ground_truth, {key: outputs[key] for key in MAP_KEYS if key in outputs})
-                       for _, _, ground_truth, outputs in predicted_examples(
+        kept[split] = [(image_name, ground_truth,
+                        {key: outputs[key] for key in MAP_KEYS if key in outputs})
+                       for image_name, _, ground_truth, outputs in predicted_examples(
                            predictor, dataset, tfds_split, data_dir, progress)]
     predict_seconds, start = time.perf_counter() - start, time.perf_counter()
     for name, options in variants.items():
         record["variants"][name] = {"postprocess": dataclasses.asdict(options)}
         for split, examples in kept.items():
-            scored = [ScoredImage(f"{split}_{index}", postprocessed(maps, options), ground_truth)
-                      for index, (ground_truth, maps) in enumerate(examples)]
+            scored = [ScoredImage(image_name, postprocessed(maps, options), ground_truth)
+                      for image_name, ground_truth, maps in examples]
             record["variants"][name][split] = score_split(scored)
         if progress:
             print(f"  {name}: " + ", ".join(

@@ -223,18 +223,29 @@ def validation_split(saved_model):
     return f"train[:{percent}%]"
 
 
+def repostprocess_options(export_info, overrides):
+    """`PostprocessOptions` to post-process a U-Net SavedModel's probabilities again: its
+    export's options (`export_info["postprocess"]`, from `read_export_info`) updated by the
+    `key=value` `overrides`.
+
+    Raises:
+        ValueError: the SavedModel is not a U-Net, or an override names an unknown option or
+            has a bad value (`keras_glas.export.postprocess_options`).
+    """
+    if export_info.get("model_kind", "unet") != "unet":
+        raise ValueError("--postprocess re-post-processes U-Net probabilities; a Mask R-CNN "
+                         "builds its instance map itself: score it without --postprocess")
+    return postprocess_options(export_info.get("postprocess"), overrides)
+
+
 def evaluate(model_path, splits=SPLITS, dataset="glas", data_dir=None, postprocess_overrides=(),
              figures_dir=None, name=None):
     """Evaluate MODEL (SavedModel, run dir or `.keras`) on `splits`; returns the JSON record."""
     with tempfile.TemporaryDirectory() as work_dir:
         saved_model = ensure_saved_model(model_path, work_dir)
         info = read_export_info(saved_model)
-        options = None
-        if postprocess_overrides:
-            if info.get("model_kind", "unet") != "unet":
-                raise ValueError("--postprocess re-post-processes U-Net probabilities; a Mask R-CNN "
-                                 "builds its instance map itself: drop --postprocess")
-            options = postprocess_options(info.get("postprocess"), postprocess_overrides)
+        options = (repostprocess_options(info, postprocess_overrides)
+                   if postprocess_overrides else None)
         predictor = SavedModelPredictor(saved_model)
         results = {
             "model": name or Path(model_path).name,

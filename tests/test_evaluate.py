@@ -137,3 +137,15 @@ def test_pick_examples_orders_by_object_dice():
     assert [(label, item.name) for label, item, _ in picks] == [
         ("best", "all"), ("average", "half"), ("worst", "none")]
     assert [dice for _, _, dice in picks] == pytest.approx([1.0, 2 / 3, 0.0])
+
+
+def test_repostprocess_options_update_the_exports_and_refuse_a_maskrcnn():
+    info = {"model_kind": "unet", "postprocess": {"threshold": 0.5, "min_size": 300,
+                                                  "split": "contour"}}
+    options = evaluate.repostprocess_options(info, ["min_size=1500", "threshold=0.4"])
+    assert options == PostprocessOptions(threshold=0.4, min_size=1500, split="contour")
+    with pytest.raises(ValueError, match="min_size"):
+        evaluate.repostprocess_options(info, ["minsize=1"])
+    with pytest.raises(ValueError, match="Mask R-CNN builds its instance map itself"):
+        evaluate.repostprocess_options({"model_kind": "maskrcnn", "postprocess": None},
+                                       ["min_size=1"])
