@@ -186,9 +186,8 @@ def benchmark_ours(steps, image_size, batch_size, policy):
     import tensorflow as tf
 
     from keras_glas.export import IMAGE_SIGNATURE, make_serving_function
-    from keras_glas.models.maskrcnn import build_maskrcnn
     from keras_glas.models.maskrcnn import boxes as box_ops
-    from keras_glas.models.maskrcnn import targets
+    from keras_glas.models.maskrcnn import build_maskrcnn, targets
 
     keras.mixed_precision.set_global_policy(policy)
     model = build_maskrcnn("resnet50")

@@ -6,7 +6,12 @@ import tensorflow as tf
 
 from keras_glas.models.maskrcnn import boxes as box_ops
 from keras_glas.models.maskrcnn import inference, targets
-from keras_glas.models.maskrcnn.roi_align import assign_levels, bin_means, multilevel_roi_align, roi_align
+from keras_glas.models.maskrcnn.roi_align import (
+    assign_levels,
+    bin_means,
+    multilevel_roi_align,
+    roi_align,
+)
 
 
 def test_anchors_cover_every_level_with_the_right_sizes_and_ratios():

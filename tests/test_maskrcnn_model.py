@@ -10,7 +10,11 @@ import tensorflow as tf
 
 from keras_glas.models.maskrcnn import DEFAULT_OPTIONS, MaskRCNN, build_maskrcnn
 from keras_glas.models.maskrcnn.backbone import (
-    CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, build_resnet, load_backbone_weights,
+    CAFFE_MEAN_BGR,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_resnet,
+    load_backbone_weights,
 )
 from keras_glas.models.maskrcnn.model import LOSS_NAMES
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import real_glas
 from keras_glas.config import load_config
+
+from benchmarks import real_glas
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from benchmarks import unet_training
 from keras_glas.config import ConfigError
+
+from benchmarks import unet_training
 
 TINY_CONFIG = """\
 data: {image_size: 32, batch_size: 2}

@@ -7,8 +7,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from scipy import ndimage
 
-from . import release
-from . import synthetic
+from . import release, synthetic
 from .release import GlasDataError
 
 _DESCRIPTION = """

@@ -5,7 +5,12 @@ import tensorflow as tf
 from keras_glas.models.maskrcnn import boxes as box_ops
 from keras_glas.models.maskrcnn import inference, losses, targets
 from keras_glas.models.maskrcnn.backbone import (
-    FPN_LEVELS, IMAGENET_MEAN, IMAGENET_STD, build_feature_model, build_resnet, load_backbone_weights,
+    FPN_LEVELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_feature_model,
+    build_resnet,
+    load_backbone_weights,
 )
 from keras_glas.models.maskrcnn.heads import build_box_head, build_mask_head, build_rpn_head
 from keras_glas.models.maskrcnn.roi_align import multilevel_roi_align
