@@ -44,6 +44,6 @@ setup(
     extras_require={
         "cpu": [f"tensorflow-cpu=={TENSORFLOW_VERSION}"],
         "gpu": [f"tensorflow[and-cuda]=={TENSORFLOW_VERSION}"],
-        "test": ["pytest==9.2.0", "dill==0.4.1"],  # tfds.testing imports dill
+        "test": ["pytest==9.2.0", "dill==0.4.1", "ruff==0.17.6"],  # tfds.testing imports dill
     },
 )
