@@ -4,7 +4,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_glas.models.maskrcnn import build_maskrcnn
-
 from test_maskrcnn_model import TINY, glands
 
 SIZE = 64
