@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_glas.testing import ellipse_glands
+
 from benchmarks.machine import machine_info, save_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,29 +83,16 @@ WARMUP_FACTOR = 1e-3
 WARMUP_STEPS = 1000
 
 
-def synthetic_batch(rng, batch_size, size, objects=5, max_instances=16):
-    """Pipeline-format batch of filled-ellipse glands on a pink background.
+def synthetic_batch(rng, batch_size, size):
+    """The benchmark's training batch: 5 filled-ellipse glands of random colours on a pink
+    background, in the pipeline's format (`keras_glas.testing.ellipse_glands`, N = 16).
 
-    Returns x float32 (B, S, S, 3) in [0, 1] and y = {"boxes" (B, N, 4) yxyx padded -1,
-    "classes" (B, N) 0 / -1, "instances" int32 (B, S, S)}, N = max_instances.
+    Returns x float32 (B, S, S, 3) in [0, 1] and y = {"boxes" (B, 16, 4) yxyx padded -1,
+    "classes" (B, 16) 0 / -1, "instances" int32 (B, S, S)}.
     """
-    yy, xx = np.mgrid[:size, :size]
-    images = np.empty((batch_size, size, size, 3), np.float32)
-    instances = np.zeros((batch_size, size, size), np.int32)
-    boxes = -np.ones((batch_size, max_instances, 4), np.float32)
-    classes = -np.ones((batch_size, max_instances), np.float32)
-    for i in range(batch_size):
-        images[i] = rng.uniform(0.7, 0.9, 3)
-        for k in range(objects):
-            cy, cx = rng.uniform(0.15 * size, 0.85 * size, 2)
-            ry, rx = rng.uniform(0.05 * size, 0.14 * size, 2)
-            inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) & (instances[i] == 0)
-            instances[i][inside] = k + 1
-            images[i][inside] = rng.uniform(0.2, 0.5, 3)
-            ys, xs = np.nonzero(inside)
-            boxes[i, k] = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
-            classes[i, k] = 0
-    return images, {"boxes": boxes, "classes": classes, "instances": instances}
+    return ellipse_glands(rng, batch_size, size, objects=5, max_instances=16,
+                          centre_range=(0.15, 0.85), radius_range=(0.05, 0.14),
+                          background_range=(0.7, 0.9))
 
 
 def predict_image():

@@ -17,6 +17,7 @@ from keras_glas.models.maskrcnn.backbone import (
     load_backbone_weights,
 )
 from keras_glas.models.maskrcnn.model import LOSS_NAMES
+from keras_glas.testing import ellipse_glands
 
 TINY = dict(fpn_channels=16, box_head_units=32, mask_head_channels=16, rpn_pre_nms_top_n_train=200,
             rpn_post_nms_top_n_train=64, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=64,
@@ -25,29 +26,15 @@ SIGNATURE = [tf.TensorSpec((None, None, None, 3), tf.float32)]
 
 
 def glands(count, size, per_image=3, seed=0):
-    """Synthetic pipeline batches: pink background with dark filled-ellipse glands.
+    """Synthetic pipeline batches: pink background with dark filled-ellipse glands, slightly
+    noisy (`keras_glas.testing.ellipse_glands`, N = 8).
 
     Returns x float32 (count, size, size, 3) and y with pipeline-format boxes/classes/instances.
     """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images = np.empty((count, size, size, 3), np.float32)
-    instances = np.zeros((count, size, size), np.int32)
-    boxes = -np.ones((count, 8, 4), np.float32)
-    classes = -np.ones((count, 8), np.float32)
-    for i in range(count):
-        images[i] = rng.uniform(0.75, 0.9, 3)
-        for k in range(per_image):
-            cy, cx = rng.uniform(0.22 * size, 0.78 * size, 2)
-            ry, rx = rng.uniform(0.09 * size, 0.17 * size, 2)
-            inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) & (instances[i] == 0)
-            instances[i][inside] = k + 1
-            images[i][inside] = (0.45, 0.15, 0.4)
-            ys, xs = np.nonzero(inside)
-            boxes[i, k] = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
-            classes[i, k] = 0
-    images += rng.normal(0, 0.02, images.shape).astype(np.float32)
-    return np.clip(images, 0, 1), {"boxes": boxes, "classes": classes, "instances": instances}
+    return ellipse_glands(np.random.default_rng(seed), count, size, objects=per_image,
+                          max_instances=8, centre_range=(0.22, 0.78), radius_range=(0.09, 0.17),
+                          background_range=(0.75, 0.9), gland_colour=(0.45, 0.15, 0.4),
+                          noise=0.02)
 
 
 @pytest.fixture(scope="module")
