@@ -188,26 +188,35 @@ def benchmark_ours(steps, image_size, batch_size, policy):
     # Boxes matched during training: objects of the last batch that own at least one positive
     # anchor of the RPN's sample (above: objects an RPN proposal overlaps with IoU >= 0.5).
     images, y = batches[-1]
-    gt_boxes, gt_classes, gt_valid = targets.trim_padding(tf.constant(y["boxes"]), tf.constant(y["classes"]))
+    gt_boxes, gt_classes, gt_valid = targets.trim_padding(tf.constant(y["boxes"]),
+                                                          tf.constant(y["classes"]))
     anchors = box_ops.generate_anchors(image_size, image_size, (4, 8, 16, 32, 64),
-                                       model.options["anchor_sizes"], model.options["aspect_ratios"])
+                                       model.options["anchor_sizes"],
+                                       model.options["aspect_ratios"])
     rpn = targets.rpn_targets(anchors, gt_boxes, gt_valid)
-    iou = tf.where(gt_valid[:, None, :], box_ops.box_iou(tf.gather(anchors, rpn["indices"]), gt_boxes), -1.0)
+    iou = tf.where(gt_valid[:, None, :],
+                   box_ops.box_iou(tf.gather(anchors, rpn["indices"]), gt_boxes), -1.0)
     matched = tf.one_hot(tf.argmax(iou, axis=2), tf.shape(gt_boxes)[1]) > 0
     hit = tf.reduce_any(matched & rpn["positive"][:, :, None], axis=1) & gt_valid
-    rpn_matched = float(tf.reduce_sum(tf.cast(hit, tf.float32)) / tf.reduce_sum(tf.cast(gt_valid, tf.float32)))
+    rpn_matched = float(tf.reduce_sum(tf.cast(hit, tf.float32))
+                        / tf.reduce_sum(tf.cast(gt_valid, tf.float32)))
 
     predict_results = {}
     image = tf.constant(predict_image())
     # Read when `infer` is traced.
-    model.options.update({"score_threshold": PREDICT_SCORE_THRESHOLD, "detection_nms_iou": PREDICT_NMS_IOU})
+    model.options.update({"score_threshold": PREDICT_SCORE_THRESHOLD,
+                          "detection_nms_iou": PREDICT_NMS_IOU})
     # Training scale (the SavedModel's default, torchvision's configuration) and native.
     for suffix, serving_size in (("", image_size), ("_native", 0)):
-        serve = tf.function(make_serving_function(model, image_size=serving_size, fold_batch_norms=True),
+        serve = tf.function(make_serving_function(model, image_size=serving_size,
+                                                  fold_batch_norms=True),
                             input_signature=[IMAGE_SIGNATURE])
         first, median, out = time_predict(lambda: serve(image))
-        predict_results.update({f"ours_first_predict{suffix}_s": first, f"ours_predict{suffix}_s": median,
-                                f"ours_predict{suffix}_detections": int(np.sum(out["scores"].numpy() > 0))})
+        predict_results.update({
+            f"ours_first_predict{suffix}_s": first,
+            f"ours_predict{suffix}_s": median,
+            f"ours_predict{suffix}_detections": int(np.sum(out["scores"].numpy() > 0)),
+        })
     return {
         "ours_policy": policy,
         "ours_first_step_s": first_step,
@@ -243,7 +252,8 @@ def kcv_nightly_worker(steps, image_size, batch_size):
                         "segmask": y["instances"].astype(np.float32)}
 
     result = {}
-    first_step, times, logs = fit_timed(model, [nightly_batch() for _ in range(steps + 1)], "kcv-nightly")
+    first_step, times, logs = fit_timed(model, [nightly_batch() for _ in range(steps + 1)],
+                                        "kcv-nightly")
     result.update(kcv_nightly_first_step_s=first_step, kcv_nightly_step_s=float(np.mean(times)),
                   kcv_nightly_step_times_s=times, kcv_nightly_logs=logs)
     try:
@@ -262,7 +272,8 @@ def run_worker(python, worker_flag, steps, image_size, batch_size, path_entries,
     `path_entries` + this repository only (an inherited one could shadow the worker's own
     packages). A worker that prints no result gives `{error_key: exit code + end of stderr}`.
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(entry) for entry in path_entries] + [str(REPO_ROOT)]))
+    python_path = [str(entry) for entry in path_entries] + [str(REPO_ROOT)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(python_path))
     command = [str(python), "-m", "benchmarks.maskrcnn", worker_flag, "--steps", str(steps),
                "--image-size", str(image_size), "--batch-size", str(batch_size)]
     result = None
@@ -302,7 +313,8 @@ def torchvision_targets(y):
         ids = np.nonzero(valid)[0] + 1  # instance id k + 1 belongs to boxes[k]
         targets.append({"boxes": torch.from_numpy(boxes[valid][:, [1, 0, 3, 2]]),
                         "labels": torch.ones(len(ids), dtype=torch.int64),
-                        "masks": torch.from_numpy((instances[None] == ids[:, None, None]).astype(np.uint8))})
+                        "masks": torch.from_numpy(
+                            (instances[None] == ids[:, None, None]).astype(np.uint8))})
     return targets
 
 
@@ -316,7 +328,8 @@ def torchvision_worker(steps, image_size, batch_size):
 
     def new_model():
         return torchvision.models.detection.maskrcnn_resnet50_fpn(
-            weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size)
+            weights=None, weights_backbone=None, num_classes=2, min_size=image_size,
+            max_size=image_size)
 
     model = new_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LEARNING_RATE, momentum=SGD_MOMENTUM,
@@ -328,7 +341,8 @@ def torchvision_worker(steps, image_size, batch_size):
     def step():
         images, y = synthetic_batch(rng, batch_size, image_size)
         model.train()
-        losses = model([torch.from_numpy(image).permute(2, 0, 1) for image in images], torchvision_targets(y))
+        losses = model([torch.from_numpy(image).permute(2, 0, 1) for image in images],
+                       torchvision_targets(y))
         loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
@@ -355,12 +369,14 @@ def torchvision_worker(steps, image_size, batch_size):
     image = torch.from_numpy(predict_image()[0]).permute(2, 0, 1).float() / 255.0
     # (min_size, max_size) of torchvision's resize: as ours at the training scale, its
     # default, and the image's own size.
-    resizes = {"": (image_size, image_size), "_800": (800, 1333), "_native": (min(PREDICT_SHAPE), max(PREDICT_SHAPE))}
+    resizes = {"": (image_size, image_size), "_800": (800, 1333),
+               "_native": (min(PREDICT_SHAPE), max(PREDICT_SHAPE))}
     with torch.no_grad():
         for suffix, (min_size, max_size) in resizes.items():
             model.transform.min_size, model.transform.max_size = (min_size,), max_size
             first, median, out = time_predict(lambda: model([image]))
-            result.update({f"torchvision_first_predict{suffix}_s": first, f"torchvision_predict{suffix}_s": median,
+            result.update({f"torchvision_first_predict{suffix}_s": first,
+                           f"torchvision_predict{suffix}_s": median,
                            f"torchvision_predict{suffix}_detections": len(out[0]["scores"])})
     print(WORKER_RESULT + json.dumps(result), flush=True)
 
@@ -378,18 +394,23 @@ def benchmark_torchvision(steps, image_size, batch_size, torch_python):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results as JSON to this file")
-    parser.add_argument("--steps", type=int, default=8, help="steady-state steps averaged (default 8)")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="steady-state steps averaged (default 8)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16"],
-                        help="dtype policy of our model (keras-cv-nightly and torchvision run float32)")
+                        help="dtype policy of our model (keras-cv-nightly and torchvision run "
+                             "float32)")
     parser.add_argument("--torchvision", action="store_true",
-                        help="also time torchvision's maskrcnn_resnet50_fpn in a subprocess of --torch-python")
+                        help="also time torchvision's maskrcnn_resnet50_fpn in a subprocess of "
+                             "--torch-python")
+    torch_venv_recipe = TORCH_VENV_RECIPE.format(venv=DEFAULT_TORCH_PYTHON.parents[1])
     parser.add_argument("--torch-python", default=str(DEFAULT_TORCH_PYTHON), metavar="PATH",
-                        help="Python interpreter with torch and torchvision (default %(default)s; create it "
-                             f"with `{TORCH_VENV_RECIPE.format(venv=DEFAULT_TORCH_PYTHON.parents[1])}`)")
+                        help="Python interpreter with torch and torchvision (default "
+                             f"%(default)s; create it with `{torch_venv_recipe}`)")
     parser.add_argument("--skip-kcv-nightly", action="store_true")
     parser.add_argument("--kcv-nightly-dir", default=str(DEFAULT_KCV_DIR))
     parser.add_argument("--kcv-nightly-worker", action="store_true", help=argparse.SUPPRESS)
@@ -412,12 +433,14 @@ def main(argv=None):
     results.update(benchmark_ours(args.steps, args.image_size, args.batch_size, args.policy))
     if not args.skip_kcv_nightly:
         print("timing keras-cv-nightly MaskRCNN in a subprocess ...", flush=True)
-        results.update(benchmark_kcv_nightly(args.steps, args.image_size, args.batch_size, args.kcv_nightly_dir))
+        results.update(benchmark_kcv_nightly(args.steps, args.image_size, args.batch_size,
+                                             args.kcv_nightly_dir))
         if "kcv_nightly_step_s" in results:
             results["ratio"] = results["kcv_nightly_step_s"] / results["ours_step_s"]
     if args.torchvision:
         print("timing torchvision maskrcnn_resnet50_fpn in a subprocess ...", flush=True)
-        results.update(benchmark_torchvision(args.steps, args.image_size, args.batch_size, args.torch_python))
+        results.update(benchmark_torchvision(args.steps, args.image_size, args.batch_size,
+                                             args.torch_python))
         if "torchvision_step_s" in results:
             results["torchvision_ratio"] = results["torchvision_step_s"] / results["ours_step_s"]
     results["load_average_at_end"] = list(os.getloadavg())

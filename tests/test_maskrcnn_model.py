@@ -43,7 +43,8 @@ def model():
 
 
 def test_infer_in_a_tf_function_on_odd_sizes(model):
-    infer = tf.function(lambda images: model.infer(images, score_threshold=0.0), input_signature=SIGNATURE)
+    infer = tf.function(lambda images: model.infer(images, score_threshold=0.0),
+                        input_signature=SIGNATURE)
     images, _ = glands(2, 64)
     for batch in (tf.random.uniform((2, 97, 131, 3), seed=1), tf.constant(images[:1])):
         out = infer(batch)
@@ -52,9 +53,11 @@ def test_infer_in_a_tf_function_on_odd_sizes(model):
         assert out["probabilities"].dtype == tf.float32 and out["probabilities"].shape == (n, h, w)
         d = out["scores"].shape[1]
         assert out["boxes"].shape == (n, d, 4) and 1 <= d <= TINY["max_detections"]
-        scores, boxes, instances = out["scores"].numpy(), out["boxes"].numpy(), out["instances"].numpy()
+        scores, boxes = out["scores"].numpy(), out["boxes"].numpy()
+        instances = out["instances"].numpy()
         assert (np.diff(scores, axis=1) <= 1e-6).all()
-        assert (boxes[..., 0] >= 0).all() and (boxes[..., 2] <= h).all() and (boxes[..., 3] <= w).all()
+        assert ((boxes[..., 0] >= 0).all() and (boxes[..., 2] <= h).all()
+                and (boxes[..., 3] <= w).all())
         assert instances.min() >= 0 and instances.max() <= d
         # Every labelled pixel belongs to a detection with a score and a mask above threshold.
         for i in range(n):
@@ -70,8 +73,10 @@ def test_infer_saves_as_a_saved_model_that_loads_without_keras(model, tmp_path):
                                input_signature=SIGNATURE)
     images = tf.constant(glands(1, 64, seed=7)[0][:, :50])
     expected = module.infer(images)
-    tf.saved_model.save(module, str(tmp_path / "saved"), signatures={"serving_default": module.infer})
-    loaded = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"](images=images)
+    tf.saved_model.save(module, str(tmp_path / "saved"),
+                        signatures={"serving_default": module.infer})
+    serving = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
+    loaded = serving(images=images)
     np.testing.assert_array_equal(loaded["instances"], expected["instances"])
     np.testing.assert_allclose(loaded["scores"], expected["scores"], atol=1e-6)
 
@@ -104,7 +109,8 @@ def test_losses_on_images_without_objects(model):
     losses, recall = model.compute_losses(tf.constant(images), empty, training=True)
     assert all(np.isfinite(loss.numpy()) for loss in losses.values())
     assert losses["rpn_class_loss"] > 0 and losses["class_loss"] > 0
-    assert float(losses["mask_loss"]) == float(losses["box_loss"]) == float(losses["rpn_box_loss"]) == 0.0
+    assert (float(losses["mask_loss"]) == float(losses["box_loss"])
+            == float(losses["rpn_box_loss"]) == 0.0)
     assert float(recall) == 0.0
 
 
@@ -145,7 +151,8 @@ def test_config_rebuilds_the_model_and_weights_round_trip(model, tmp_path):
     model.save_weights(path)
     clone.load_weights(path)
     images, _ = glands(1, 64, seed=3)
-    first, second = model.infer(images, score_threshold=0.0), clone.infer(images, score_threshold=0.0)
+    first = model.infer(images, score_threshold=0.0)
+    second = clone.infer(images, score_threshold=0.0)
     np.testing.assert_allclose(first["scores"], second["scores"], atol=1e-5)
     np.testing.assert_array_equal(first["instances"], second["instances"])
 
@@ -183,7 +190,8 @@ def test_backbone_weights_from_a_keras_weights_file(tmp_path):
 
 
 def test_backbone_weights_from_keras_applications_resnet50_h5(tmp_path):
-    applications = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3))
+    applications = keras.applications.ResNet50(weights=None, include_top=False,
+                                               input_shape=(64, 64, 3))
     rng = np.random.default_rng(0)
     path = str(tmp_path / "resnet50_notop.h5")
     # The layout of Keras-applications' resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5.
@@ -203,7 +211,8 @@ def test_backbone_weights_from_keras_applications_resnet50_h5(tmp_path):
         ours = resnet.get_layer("v2_stack_2_block4_2_conv")
         np.testing.assert_array_equal(ours.kernel.numpy(), stored("conv4_block4_2_conv", "kernel"))
         bn = resnet.get_layer("v2_stack_2_block4_2_bn")
-        np.testing.assert_allclose(bn.moving_mean.numpy(), stored("conv4_block4_2_bn", "moving_mean")
+        np.testing.assert_allclose(bn.moving_mean.numpy(),
+                                   stored("conv4_block4_2_bn", "moving_mean")
                                    - stored("conv4_block4_2_conv", "bias"), rtol=1e-6)
         np.testing.assert_array_equal(bn.gamma.numpy(), stored("conv4_block4_2_bn", "gamma"))
         # The stem sees RGB ImageNet-normalised images where applications saw BGR "caffe" ones:
@@ -211,7 +220,10 @@ def test_backbone_weights_from_keras_applications_resnet50_h5(tmp_path):
         x = rng.uniform(0, 1, (1, 16, 16, 3)).astype(np.float32)
         caffe = 255.0 * x[..., ::-1] - np.array(CAFFE_MEAN_BGR, np.float32)
         normalised = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-        expected = tf.nn.conv2d(caffe, stored("conv1_conv", "kernel"), 1, "VALID") + stored("conv1_conv", "bias")
-        folded_bias = stored("conv1_bn", "moving_mean") - resnet.get_layer("conv1_bn").moving_mean.numpy()
-        ours = tf.nn.conv2d(normalised, resnet.get_layer("conv1_conv").kernel, 1, "VALID") + folded_bias
+        expected = (tf.nn.conv2d(caffe, stored("conv1_conv", "kernel"), 1, "VALID")
+                    + stored("conv1_conv", "bias"))
+        folded_bias = (stored("conv1_bn", "moving_mean")
+                       - resnet.get_layer("conv1_bn").moving_mean.numpy())
+        ours = (tf.nn.conv2d(normalised, resnet.get_layer("conv1_conv").kernel, 1, "VALID")
+                + folded_bias)
         np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-2)
