@@ -47,7 +47,7 @@ def interleaved_median_seconds(functions, runs):
         function()
     times = [[] for _ in functions]
     for _ in range(runs):
-        for function, samples in zip(functions, times):
+        for function, samples in zip(functions, times, strict=True):
             start = time.perf_counter()
             function()
             samples.append(time.perf_counter() - start)

@@ -42,6 +42,7 @@ noise), batch 1, median of 3 calls after one warm-up call. Keys (seconds unless 
 Timings depend on the machine's load (recorded at start and end); run it on an idle machine.
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -211,7 +212,7 @@ def benchmark_ours(steps, image_size, batch_size, policy):
         serve = tf.function(make_serving_function(model, image_size=serving_size,
                                                   fold_batch_norms=True),
                             input_signature=[IMAGE_SIGNATURE])
-        first, median, out = time_predict(lambda: serve(image))
+        first, median, out = time_predict(functools.partial(serve, image))
         predict_results.update({
             f"ours_first_predict{suffix}_s": first,
             f"ours_predict{suffix}_s": median,
@@ -308,7 +309,7 @@ def torchvision_targets(y):
     import torch
 
     targets = []
-    for boxes, classes, instances in zip(y["boxes"], y["classes"], y["instances"]):
+    for boxes, classes, instances in zip(y["boxes"], y["classes"], y["instances"], strict=True):
         valid = classes >= 0
         ids = np.nonzero(valid)[0] + 1  # instance id k + 1 belongs to boxes[k]
         targets.append({"boxes": torch.from_numpy(boxes[valid][:, [1, 0, 3, 2]]),

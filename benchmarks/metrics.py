@@ -164,7 +164,7 @@ def baseline_image_terms(pred: np.ndarray, gt: np.ndarray) -> dict:
 
 def baseline_glas_scores(preds, gts) -> dict:
     """Pooled official scores of a split with `baseline_image_terms`."""
-    images = [baseline_image_terms(p, g) for p, g in zip(preds, gts)]
+    images = [baseline_image_terms(p, g) for p, g in zip(preds, gts, strict=True)]
     tp, fp, fn = (sum(i[k] for i in images) for k in ("tp", "fp", "fn"))
     pooled = {side: [np.concatenate([i[side][n] for i in images]) for n in range(3)]
               for side in ("pred", "gt")}

@@ -235,7 +235,7 @@ def run_isolated(function, *args):
             if not process.is_alive():
                 raise RuntimeError(
                     f"benchmark child {function.__name__} died with exit code {process.exitcode}"
-                )
+                ) from None  # the empty queue is how the death shows, not its cause
     process.join()
     return result
 

@@ -60,7 +60,8 @@ MODELS = ("unet", "maskrcnn")
 SPLITS = ("test_a", "test_b")
 VALIDATION_SPLIT = "validation"  # evaluate --split validation: the run's held-out train[:K%]
 FIGURE_LABELS = ("best", "average", "worst")
-ROW_NAMES = {"unet": "keras-glas U-Net (2-core CPU)", "maskrcnn": "keras-glas Mask R-CNN (2-core CPU)"}
+ROW_NAMES = {"unet": "keras-glas U-Net (2-core CPU)",
+             "maskrcnn": "keras-glas Mask R-CNN (2-core CPU)"}
 PACKAGES = ("keras-glas", "tensorflow-cpu", "tensorflow", "keras", "keras-cv",
             "tensorflow-datasets", "numpy", "scipy", "scikit-image", "opencv-python",
             "opencv-python-headless")
@@ -629,7 +630,7 @@ def select_on_validation(variants: dict) -> dict:
     rank_sums = dict.fromkeys(variants, 0)
     for metric, direction in METRIC_DIRECTIONS.items():
         values = [scores[VALIDATION_SPLIT][metric] for scores in variants.values()]
-        for name, rank in zip(variants, competition_ranks(values, direction > 0)):
+        for name, rank in zip(variants, competition_ranks(values, direction > 0), strict=True):
             rank_sums[name] += rank
     best = min(rank_sums, key=rank_sums.get)  # min keeps the first of equal sums
     return {"variant": best, "rank_sum": rank_sums[best], "rank_sums": rank_sums,

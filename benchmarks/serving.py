@@ -36,7 +36,8 @@ from keras_glas.models import build_model
 from benchmarks.machine import interleaved_median_seconds, machine_info, save_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GLAS_IMAGE = Path(os.environ.get("KERAS_GLAS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "glas")) / "testA_1.bmp"
+GLAS_IMAGE = Path(os.environ.get("KERAS_GLAS_SHARED_DATA",
+                                 REPO_ROOT.parent / "shared" / "data" / "glas")) / "testA_1.bmp"
 HEIGHT, WIDTH = 522, 775
 GOAL_RATIO = 1.5
 
@@ -52,7 +53,8 @@ def benchmark_image():
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:HEIGHT, :WIDTH]
     field = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
-                for cy, cx, r in zip(rng.uniform(0, HEIGHT, 20), rng.uniform(0, WIDTH, 20), rng.uniform(15, 50, 20)))
+                for cy, cx, r in zip(rng.uniform(0, HEIGHT, 20), rng.uniform(0, WIDTH, 20),
+                                     rng.uniform(15, 50, 20), strict=True))
     colour = np.stack([1 - field, 0.6 * (1 - field), 0.8 + 0 * field], -1).clip(0, 1)
     return (255 * colour).astype(np.uint8), "synthetic"
 
@@ -75,7 +77,8 @@ def time_scale(model, config, image, image_size, runs, work_dir):
     serve = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     batch = tf.constant(image[None])
     savedmodel_s, keras_forward_s = interleaved_median_seconds(
-        [lambda: serve(images=batch)["instances"].numpy(), lambda: forward(inputs)["mask"].numpy()], runs)
+        [lambda: serve(images=batch)["instances"].numpy(),
+         lambda: forward(inputs)["mask"].numpy()], runs)
     return {
         "image_size": image_size,
         "network_input_hw": [int(inputs.shape[1]), int(inputs.shape[2])],
@@ -88,11 +91,14 @@ def time_scale(model, config, image, image_size, runs, work_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "unet.yaml"))
-    parser.add_argument("--run-dir", default=None, help="trained run to export (default: random weights)")
-    parser.add_argument("--base-filters", type=int, default=None, help="override the config's width")
+    parser.add_argument("--run-dir", default=None,
+                        help="trained run to export (default: random weights)")
+    parser.add_argument("--base-filters", type=int, default=None,
+                        help="override the config's width")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
 
@@ -107,7 +113,8 @@ def main(argv=None):
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work_dir:
         scales = {name: time_scale(model, config, image, image_size, args.runs, work_dir)
-                  for name, image_size in (("training_scale", config.data.image_size), ("native", 0))}
+                  for name, image_size in (("training_scale", config.data.image_size),
+                                           ("native", 0))}
     results = {
         "scales": scales,
         "goal_ratio": GOAL_RATIO,
@@ -128,8 +135,10 @@ def main(argv=None):
     for name, row in scales.items():
         height, width = row["network_input_hw"]
         print(f"  {name:<14} (image_size {row['image_size']}, network {width}x{height}): "
-              f"SavedModel {row['savedmodel_s']:.3f} s   Keras forward {row['keras_forward_s']:.3f} s"
-              f"   ratio {row['ratio']:.2f} (goal <= {GOAL_RATIO})   {row['n_instances']} instances")
+              f"SavedModel {row['savedmodel_s']:.3f} s   "
+              f"Keras forward {row['keras_forward_s']:.3f} s"
+              f"   ratio {row['ratio']:.2f} (goal <= {GOAL_RATIO})   "
+              f"{row['n_instances']} instances")
     save_results(args.out, results)
     return results
 

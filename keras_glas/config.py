@@ -459,7 +459,7 @@ def _convert(value, type_, key: str, sources: _Sources):
             raise wrong_type(f"a list of {len(args)} values")
         return tuple(
             _convert(item, arg, f"{key}[{index}]", sources)
-            for index, (item, arg) in enumerate(zip(value, args))
+            for index, (item, arg) in enumerate(zip(value, args, strict=True))
         )
     if type_ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

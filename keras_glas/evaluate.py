@@ -136,12 +136,14 @@ def score_split(scored):
         "f1": float(official["f1"]),
         "object_dice": float(official["object_dice"]),
         "object_hausdorff": float(official["object_hausdorff"]),
-        "count": float(np.mean([metrics.count_score(p, g) for p, g in zip(preds, gts)])),
+        "count": float(np.mean([metrics.count_score(p, g)
+                                for p, g in zip(preds, gts, strict=True)])),
         "tp": int(official["tp"]),
         "fp": int(official["fp"]),
         "fn": int(official["fn"]),
         "n_images": len(scored),
-        "seed": {key: float(seed[key]) for key in ("f1", "object_dice", "object_hausdorff", "count")},
+        "seed": {key: float(seed[key])
+                 for key in ("f1", "object_dice", "object_hausdorff", "count")},
     }
 
 
@@ -185,9 +187,11 @@ def save_figures(scored, split, figures_dir):
     for label, item, dice in pick_examples(scored):
         figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
         panels = [(item.image, item.name),
-                  (colour_overlay(item.image, item.ground_truth), f"ground truth ({item.ground_truth.max()} ids)"),
-                  (colour_overlay(item.image, item.prediction), f"prediction, object Dice {dice:.3f}")]
-        for axis, (picture, title) in zip(axes, panels):
+                  (colour_overlay(item.image, item.ground_truth),
+                   f"ground truth ({item.ground_truth.max()} ids)"),
+                  (colour_overlay(item.image, item.prediction),
+                   f"prediction, object Dice {dice:.3f}")]
+        for axis, (picture, title) in zip(axes, panels, strict=True):
             axis.imshow(picture)
             axis.set_title(title, fontsize=9)
             axis.axis("off")
@@ -270,7 +274,8 @@ def evaluate(model_path, splits=SPLITS, dataset="glas", data_dir=None, postproce
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_glas.evaluate",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("model", metavar="MODEL", help="SavedModel dir, training run dir or .keras file")
+    parser.add_argument("model", metavar="MODEL",
+                        help="SavedModel dir, training run dir or .keras file")
     parser.add_argument("--split", required=True, choices=(*SPLITS, "all", VALIDATION),
                         help="a test split, both (all), or the run's held-out training images")
     parser.add_argument("--dataset", default="glas", choices=DATASETS)
@@ -279,8 +284,10 @@ def main(argv=None):
     parser.add_argument("--figures", default=None, metavar="DIR",
                         help="save best / average / worst predictions as PNG")
     parser.add_argument("--postprocess", nargs="+", default=(), metavar="KEY=VALUE",
-                        help="re-post-process probabilities in NumPy, e.g. min_size=100 split=watershed")
-    parser.add_argument("--name", default=None, help="row name in the table and JSON (default: MODEL's name)")
+                        help="re-post-process probabilities in NumPy, e.g. min_size=100 "
+                             "split=watershed")
+    parser.add_argument("--name", default=None,
+                        help="row name in the table and JSON (default: MODEL's name)")
     args = parser.parse_args(argv)
     splits = SPLITS if args.split == "all" else (args.split,)
     try:

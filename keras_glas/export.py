@@ -74,7 +74,8 @@ def model_kind(model):
 
 def unet_pad_multiple(model):
     """Input side multiple a U-Net needs: 2 ** (number of 2×2 max-pooling layers)."""
-    pools = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.MaxPooling2D)]
+    pools = [layer for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.MaxPooling2D)]
     return 2 ** len(pools)
 
 
@@ -215,15 +216,18 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
         if test_time_flips:
             raise ValueError("test_time_flips is for U-Nets: averaging Mask R-CNN's instances "
                              "over flips needs instance matching, which the export does not do")
-        feature_model = fold_batch_norm.fold_batch_norms(model.feature_model) if fold_batch_norms else None
+        feature_model = (fold_batch_norm.fold_batch_norms(model.feature_model)
+                         if fold_batch_norms else None)
 
         def serve_maskrcnn(images):
             inputs, height, width = network_input(images)
             outputs = model.infer(inputs, feature_model=feature_model)
             if not image_size:
-                return {key: outputs[key] for key in ("instances", "probabilities", "boxes", "scores")}
+                return {key: outputs[key]
+                        for key in ("instances", "probabilities", "boxes", "scores")}
             # Per-axis scale: rounding makes h / H and w / W differ slightly from S / max(H, W).
-            scale = tf.cast(tf.shape(inputs)[1:3], tf.float32) / tf.cast(tf.stack([height, width]), tf.float32)
+            scale = (tf.cast(tf.shape(inputs)[1:3], tf.float32)
+                     / tf.cast(tf.stack([height, width]), tf.float32))
             return {"instances": resize_maps(outputs["instances"], height, width, "nearest"),
                     "probabilities": resize_maps(outputs["probabilities"], height, width),
                     "boxes": outputs["boxes"] / tf.tile(scale, [2]),
@@ -253,7 +257,8 @@ def make_serving_function(model, postprocess=PostprocessOptions(), image_size=0,
         contour = to_native(outputs["contour"]) if has_contour else None
         if has_contour:
             served["contour"] = contour
-        served["instances"] = tf_postprocess_instances(served["probabilities"], contour, postprocess)
+        served["instances"] = tf_postprocess_instances(served["probabilities"], contour,
+                                                       postprocess)
         return served
     return serve_unet
 
@@ -405,7 +410,8 @@ def _parse_value(key, text, kind):
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"post-processing option {key} needs a {kind.__name__}, got {text!r}") from None
+        raise ValueError(f"post-processing option {key} needs a {kind.__name__}, "
+                         f"got {text!r}") from None
 
 
 def load_run_model(run_dir, checkpoint=None):
@@ -492,8 +498,10 @@ def read_export_info(saved_model_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m keras_glas.export", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (config.yaml, checkpoints/)")
+    parser = argparse.ArgumentParser(prog="python -m keras_glas.export",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="training run directory (config.yaml, checkpoints/)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="SavedModel directory to write")
     parser.add_argument("--checkpoint", default=None,
                         help="best, last, or a path to a .weights.h5 file (default: the "

@@ -266,10 +266,10 @@ def save_bar_chart(tables: dict[str, list[RankedRow]], path: str | os.PathLike) 
     figure, axes = plt.subplots(
         len(PROTOCOLS), len(METRICS), figsize=(16, 9), squeeze=False, constrained_layout=True
     )
-    for row_axes, (protocol, title) in zip(axes, PROTOCOLS.items()):
+    for row_axes, (protocol, title) in zip(axes, PROTOCOLS.items(), strict=True):
         ranked = tables[protocol]
         positions = list(range(len(ranked)))
-        for axis, (_, prefix, metric_title, higher) in zip(row_axes, METRICS):
+        for axis, (_, prefix, metric_title, higher) in zip(row_axes, METRICS, strict=True):
             for offset, part, colours in ((-0.2, "A", ("#4c72b0", "#dd8452")),
                                           (0.2, "B", ("#8fb0d9", "#f2b98c"))):
                 values = [entry.row.scores[f"{prefix}_{part.lower()}"] for entry in ranked]

@@ -208,7 +208,7 @@ def _union_boxes(edges: np.ndarray, owners: np.ndarray, ids: np.ndarray) -> list
     np.maximum.at(high, position, edges[owned][:, [1, 3]])
     return [
         (slice(top, bottom), slice(left, right))
-        for (top, left), (bottom, right) in zip(low.tolist(), high.tolist())
+        for (top, left), (bottom, right) in zip(low.tolist(), high.tolist(), strict=True)
     ]
 
 
@@ -265,7 +265,8 @@ _KD_QUERY_COST = 8
 def _intersection_window(first, second) -> tuple[slice, ...] | None:
     """Intersection of two boxes (slices), None when they are disjoint."""
     window = tuple(
-        slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(first, second)
+        slice(max(a.start, b.start), min(a.stop, b.stop))
+        for a, b in zip(first, second, strict=True)
     )
     return window if all(s.start < s.stop for s in window) else None
 
@@ -383,7 +384,8 @@ def _pixel_coordinates(mask: np.ndarray, window) -> np.ndarray:
 
 def _relative(region, window) -> tuple[slice, slice]:
     """The slices of `region` in the coordinates of `window` (which contains it)."""
-    return tuple(slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window))
+    return tuple(slice(r.start - w.start, r.stop - w.start)
+                 for r, w in zip(region, window, strict=True))
 
 
 def _outside_box(points: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
@@ -396,12 +398,13 @@ def _outside_box(points: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
 
 
 def _box_contains(outer: tuple[slice, slice], inner: tuple[slice, slice]) -> bool:
-    return all(o.start <= i.start and i.stop <= o.stop for o, i in zip(outer, inner))
+    return all(o.start <= i.start and i.stop <= o.stop for o, i in zip(outer, inner, strict=True))
 
 
 def _union_window(first: tuple[slice, slice], second: tuple[slice, slice]) -> tuple[slice, ...]:
     return tuple(
-        slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(first, second)
+        slice(min(a.start, b.start), max(a.stop, b.stop))
+        for a, b in zip(first, second, strict=True)
     )
 
 
@@ -663,7 +666,7 @@ def _paired_maps(preds, gts) -> list[tuple[np.ndarray, np.ndarray]]:
         raise ValueError(f"got {len(preds)} predictions for {len(gts)} ground truths.")
     if not preds:
         raise ValueError("cannot score an empty split (no label maps given).")
-    return [_check_pair(p, g, f"[{i}]") for i, (p, g) in enumerate(zip(preds, gts))]
+    return [_check_pair(p, g, f"[{i}]") for i, (p, g) in enumerate(zip(preds, gts, strict=True))]
 
 
 def _map_images(function, pairs, workers: int) -> list:
@@ -677,7 +680,7 @@ def _map_images(function, pairs, workers: int) -> list:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         chunk = max(1, len(pairs) // (4 * workers))
-        return list(pool.map(function, *zip(*pairs), chunksize=chunk))
+        return list(pool.map(function, *zip(*pairs, strict=True), chunksize=chunk))
 
 
 def glas_scores(preds: Iterable, gts: Iterable, workers: int = 1) -> dict:
@@ -766,7 +769,7 @@ def _seed_side_hausdorff(own, own_boxes, partners, other, total_area, weight_by_
     (the seed's prediction side) and |P cropped to B| otherwise (its ground-truth side).
     """
     total = 0.0
-    for index, (box, partner) in enumerate(zip(own_boxes, partners)):
+    for index, (box, partner) in enumerate(zip(own_boxes, partners, strict=True)):
         height, width = _box_shape(box)
         if partner < 0:
             total += height * width / total_area * math.hypot(height, width)

@@ -113,8 +113,10 @@ def predict_files(predictor, image_paths, out_dir, progress=True):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_glas.predict",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("model", metavar="MODEL", help="SavedModel dir, training run dir or .keras file")
-    parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files (BMP, PNG, JPEG...)")
+    parser.add_argument("model", metavar="MODEL",
+                        help="SavedModel dir, training run dir or .keras file")
+    parser.add_argument("images", metavar="IMAGE", nargs="+",
+                        help="image files (BMP, PNG, JPEG...)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     args = parser.parse_args(argv)
     stems = [Path(path).stem for path in args.images]

@@ -175,7 +175,7 @@ def test_same_seed_same_result():
     first = augment.augment_and_resize(image, labels, 40, options, tf.constant([3, 4]))
     again = augment.augment_and_resize(image, labels, 40, options, tf.constant([3, 4]))
     other = augment.augment_and_resize(image, labels, 40, options, tf.constant([5, 4]))
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert not np.array_equal(first[0].numpy(), other[0].numpy())
 

@@ -34,7 +34,8 @@ def write_palette_bmp(path, indices):
 
 def write_grades(path, rows):
     """Writes Grade.csv as released: leading spaces, CR-only line endings."""
-    lines = [GRADE_HEADER] + [f"{name},{patient}, {grade}, {detailed}" for name, patient, grade, detailed in rows]
+    lines = [GRADE_HEADER] + [f"{name},{patient}, {grade}, {detailed}"
+                              for name, patient, grade, detailed in rows]
     path.write_bytes(("\r".join(lines) + "\r").encode())
 
 
@@ -60,9 +61,11 @@ def write_fake_release(folder, examples=FAKE_EXAMPLES, masks=True):
         write_palette_bmp(folder / f"{name}_anno.bmp", annotation)
         if masks:
             (folder / "binary_masks").mkdir(exist_ok=True)
-            Image.fromarray(np.uint8(annotation > 0) * 255).save(folder / "binary_masks" / f"{name}.png")
+            Image.fromarray(np.uint8(annotation > 0) * 255).save(
+                folder / "binary_masks" / f"{name}.png")
         written[name] = image, annotation
-    rows = [(name, 7 + index, grade, detailed) for index, (name, (_, _, grade, detailed)) in enumerate(examples.items())]
+    rows = [(name, 7 + index, grade, detailed)
+            for index, (name, (_, _, grade, detailed)) in enumerate(examples.items())]
     write_grades(folder / "Grade.csv", rows)
     return written
 
@@ -102,7 +105,8 @@ def by_name(examples):
 def test_fake_release_builds_with_ids_from_palette_indices(tmp_path):
     written = write_fake_release(tmp_path / "manual")
     examples = build("original", tmp_path / "manual", tmp_path / "data")
-    assert {split: len(rows) for split, rows in examples.items()} == {"train": 2, "test_a": 1, "test_b": 1}
+    assert ({split: len(rows) for split, rows in examples.items()}
+            == {"train": 2, "test_a": 1, "test_b": 1})
     named = by_name(examples)
     for name, (image, annotation) in written.items():
         np.testing.assert_array_equal(named[name]["image"], image)
@@ -116,14 +120,16 @@ def test_fake_release_builds_with_ids_from_palette_indices(tmp_path):
 @pytest.mark.filterwarnings("ignore::tfds_glas.glas.release.GlasIntegrityWarning")
 @pytest.mark.parametrize("layout", ["zip", "upper_case_zip", "extracted_folder"])
 def test_release_zip_and_extracted_folder(tmp_path, layout):
-    examples = {"train_1": FAKE_EXAMPLES["train_1"], "testA_1": FAKE_EXAMPLES["testA_1"], "testB_1": FAKE_EXAMPLES["testB_1"]}
+    examples = {"train_1": FAKE_EXAMPLES["train_1"], "testA_1": FAKE_EXAMPLES["testA_1"],
+                "testB_1": FAKE_EXAMPLES["testB_1"]}
     written = write_fake_release(tmp_path / "files", examples, masks=False)
     manual = tmp_path / "manual"
     if layout == "extracted_folder":
         shutil.copytree(tmp_path / "files", manual / release.RELEASE_FOLDER)
     else:
         manual.mkdir()
-        zip_name = release.RELEASE_ZIP.upper() if layout == "upper_case_zip" else release.RELEASE_ZIP
+        zip_name = (release.RELEASE_ZIP.upper() if layout == "upper_case_zip"
+                    else release.RELEASE_ZIP)
         with zipfile.ZipFile(manual / zip_name, "w") as archive:
             for path in (tmp_path / "files").iterdir():
                 archive.write(path, f"{release.RELEASE_FOLDER}/{path.name}")
@@ -136,7 +142,8 @@ def test_release_zip_and_extracted_folder(tmp_path, layout):
 @pytest.mark.parametrize("line_end", ["\r", "\r\n", "\n"])
 def test_grade_csv_quirks(line_end):
     text = line_end.join(
-        [GRADE_HEADER, "testA_1,4, benign, adenomatous", "train_9,16, malignant, moderately-to-poorly differentated", ""]
+        [GRADE_HEADER, "testA_1,4, benign, adenomatous",
+         "train_9,16, malignant, moderately-to-poorly differentated", ""]
     )
     grades = release.parse_grades(text, "Grade.csv")
     assert grades == {
@@ -151,8 +158,10 @@ def test_manifest_check_warns_only_on_changed_release_files():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         release.verify_release_file("my_own_file.bmp", b"anything", manifest, "my_own_file.bmp")
-    with pytest.warns(GlasIntegrityWarning, match=r"/copy/of/train_1\.bmp.*re-saved or corrupted copy"):
-        release.verify_release_file("train_1.bmp", b"BM not the release", manifest, "/copy/of/train_1.bmp")
+    with pytest.warns(GlasIntegrityWarning,
+                      match=r"/copy/of/train_1\.bmp.*re-saved or corrupted copy"):
+        release.verify_release_file("train_1.bmp", b"BM not the release", manifest,
+                                    "/copy/of/train_1.bmp")
 
 
 # ---------------------------------------------------------------------------- real GlaS images
@@ -162,9 +171,11 @@ REAL_SUBSET = ("train_1", "train_2", "testA_1", "testA_7", "testB_1")
 
 def real_grade_rows(shared_glas_dir, names):
     """The Grade.csv rows of `names`, split on commas by hand (independent of the builder)."""
-    lines = shared_glas_dir.joinpath("Grade.csv").read_bytes().decode().replace("\r\n", "\r").split("\r")
+    lines = (shared_glas_dir.joinpath("Grade.csv").read_bytes().decode()
+             .replace("\r\n", "\r").split("\r"))
     cells = (line.split(",") for line in lines[1:] if line)
-    return {row[0]: (int(row[1]), row[2].strip(), row[3].strip()) for row in cells if row[0] in names}
+    return {row[0]: (int(row[1]), row[2].strip(), row[3].strip())
+            for row in cells if row[0] in names}
 
 
 def lay_real_subset(shared_glas_dir, manual, names=REAL_SUBSET):
@@ -183,17 +194,20 @@ def test_real_images_beside_written_annotations(shared_glas_dir, tmp_path):
     annotations = {}
     for seed, name in enumerate(REAL_SUBSET):
         width, height = Image.open(shared_glas_dir / f"{name}.bmp").size
-        annotations[name] = synthetic.draw_instances(np.random.default_rng(seed), height, width, seed % 2 == 1)
+        annotations[name] = synthetic.draw_instances(np.random.default_rng(seed), height, width,
+                                                     seed % 2 == 1)
         assert 2 <= annotations[name].max() < 256
         write_palette_bmp(manual / f"{name}_anno.bmp", annotations[name])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         examples = build("original", manual, tmp_path / "data")
-    warned = " ".join(str(warning.message) for warning in caught if warning.category is GlasIntegrityWarning)
+    warned = " ".join(str(warning.message) for warning in caught
+                      if warning.category is GlasIntegrityWarning)
     # The real images are the release's bytes; our annotations are not the release's.
     assert "train_1_anno.bmp" in warned and "train_1.bmp " not in warned
 
-    assert {split: len(rows) for split, rows in examples.items()} == {"train": 2, "test_a": 2, "test_b": 1}
+    assert ({split: len(rows) for split, rows in examples.items()}
+            == {"train": 2, "test_a": 2, "test_b": 1})
     for name, example in by_name(examples).items():
         real = np.asarray(Image.open(shared_glas_dir / f"{name}.bmp").convert("RGB"))
         np.testing.assert_array_equal(example["image"], real)
@@ -217,8 +231,10 @@ def test_changed_real_image_is_reported(shared_glas_dir, tmp_path):
         write_palette_bmp(manual / f"{name}_anno.bmp", fake_annotation(height, width, 0))
     with pytest.warns(GlasIntegrityWarning) as caught:
         build("original", manual, tmp_path / "data")
-    messages = [str(warning.message) for warning in caught if warning.category is GlasIntegrityWarning]
-    assert any("testA_1.bmp differs" in message and "re-saved or corrupted copy" in message for message in messages)
+    messages = [str(warning.message) for warning in caught
+                if warning.category is GlasIntegrityWarning]
+    assert any("testA_1.bmp differs" in message and "re-saved or corrupted copy" in message
+               for message in messages)
     assert not any("train_1.bmp differs" in message for message in messages)
 
 
@@ -233,12 +249,14 @@ def test_shared_images_without_annotations_stop_with_clear_error(shared_glas_dir
 def test_complete_release_builds_85_60_20(shared_glas_dir, tmp_path):
     missing = [name for name in release.load_manifest() if not (shared_glas_dir / name).is_file()]
     if missing:
-        pytest.skip(f"{len(missing)} release files missing from {shared_glas_dir} (e.g. {missing[0]}): "
+        pytest.skip(f"{len(missing)} release files missing from {shared_glas_dir} "
+                    f"(e.g. {missing[0]}): "
                     "the instance annotations are not available here")
     with warnings.catch_warnings():
         warnings.simplefilter("error", GlasIntegrityWarning)
         examples = build("original", shared_glas_dir, tmp_path / "data")
-    assert {split: len(rows) for split, rows in examples.items()} == {"train": 85, "test_a": 60, "test_b": 20}
+    assert ({split: len(rows) for split, rows in examples.items()}
+            == {"train": 85, "test_a": 60, "test_b": 20})
     for example in by_name(examples).values():
         height, width = example["instances"].shape
         assert (width, height) in synthetic.GLAS_SIZES
@@ -260,7 +278,8 @@ def test_image_and_annotation_sizes_differ(tmp_path):
     write_fake_release(tmp_path / "manual")
     write_palette_bmp(tmp_path / "manual" / "train_2_anno.bmp", np.zeros((30, 41), np.uint8))
     message = build_error("original", tmp_path / "manual", tmp_path / "data")
-    assert "train_2_anno.bmp is 41x30" in message and "train_2.bmp is 40x30" in message and "must match" in message
+    assert ("train_2_anno.bmp is 41x30" in message and "train_2.bmp is 40x30" in message
+            and "must match" in message)
 
 
 def test_truncated_bmp(tmp_path):
@@ -288,7 +307,9 @@ def test_image_not_three_channels(tmp_path):
 def test_name_not_in_grade_csv(tmp_path):
     examples = dict(FAKE_EXAMPLES)
     write_fake_release(tmp_path / "manual", examples)
-    write_grades(tmp_path / "manual" / "Grade.csv", [("train_1", 1, "benign", "healthy"), ("testA_1", 2, "benign", "healthy"), ("testB_1", 3, "benign", "healthy")])
+    write_grades(tmp_path / "manual" / "Grade.csv", [("train_1", 1, "benign", "healthy"),
+                                                     ("testA_1", 2, "benign", "healthy"),
+                                                     ("testB_1", 3, "benign", "healthy")])
     message = build_error("original", tmp_path / "manual", tmp_path / "data")
     assert "not in" in message and "Grade.csv" in message and "train_2.bmp" in message
 
@@ -303,7 +324,8 @@ def test_wrong_manual_dir(tmp_path):
     (tmp_path / "manual").mkdir()
     (tmp_path / "manual" / "notes.txt").write_text("not GlaS")
     message = build_error("original", tmp_path / "manual", tmp_path / "data")
-    assert "No GlaS release found" in message and "notes.txt" in message and release.RELEASE_FOLDER in message
+    assert ("No GlaS release found" in message and "notes.txt" in message
+            and release.RELEASE_FOLDER in message)
 
 
 # ---------------------------------------------------------------------------- binary_masks
@@ -344,7 +366,8 @@ def test_binary_mask_missing(tmp_path):
 
 def test_binary_mask_size_mismatch(tmp_path):
     write_fake_release(tmp_path / "manual")
-    Image.fromarray(np.zeros((29, 40), np.uint8)).save(tmp_path / "manual" / "binary_masks" / "train_1.png")
+    Image.fromarray(np.zeros((29, 40), np.uint8)).save(
+        tmp_path / "manual" / "binary_masks" / "train_1.png")
     message = build_error("binary_masks", tmp_path / "manual", tmp_path / "data")
     assert "binary_masks/train_1.png is 40x29" in message and "must match" in message
 
@@ -365,7 +388,8 @@ def test_binary_masks_on_real_images(shared_glas_dir, tmp_path):
     lay_real_subset(shared_glas_dir, manual, names)
     (manual / "binary_masks").mkdir()
     for name in names:
-        (manual / "binary_masks" / f"{name}.png").symlink_to(shared_glas_dir / "binary_masks" / f"{name}.png")
+        (manual / "binary_masks" / f"{name}.png").symlink_to(
+            shared_glas_dir / "binary_masks" / f"{name}.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error", GlasIntegrityWarning)
         named = by_name(build("binary_masks", manual, tmp_path / "data"))

@@ -114,7 +114,8 @@ def test_out_of_range_values_are_errors():
 
 def test_unet_inputs_must_be_multiples_of_its_pooling_stride(tmp_path):
     with pytest.raises(ConfigError, match=r"--set data\.input_height=270: data\.input_height=270 "
-                                          r"is not a multiple of 2\*\*model\.depth = 16.*use 256 or 272"):
+                                          r"is not a multiple of 2\*\*model\.depth = 16"
+                                          r".*use 256 or 272"):
         load_config(None, ["data.image_size=384", "data.input_height=270"])
     path = write(tmp_path, "data:\n  image_size: 90\nmodel:\n  name: unet\n  depth: 2\n")
     with pytest.raises(ConfigError, match=rf"{path}: data\.image_size=90 is not a multiple of "

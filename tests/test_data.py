@@ -147,12 +147,12 @@ def test_maskrcnn_boxes_bound_their_instances_exactly():
         seed=3,
         augment=AugmentOptions(crop_probability=1.0, min_crop_fraction=0.5),
     )
-    for x, y in dataset:
+    for _, y in dataset:
         assert y["boxes"].shape == (4, 6, 4) and y["boxes"].dtype == tf.float32
         assert y["classes"].shape == (4, 6) and y["instances"].shape == (4, 48, 48)
         assert y["instances"].dtype == tf.int32
         for boxes, classes, instances in zip(
-            y["boxes"].numpy(), y["classes"].numpy(), y["instances"].numpy()
+            y["boxes"].numpy(), y["classes"].numpy(), y["instances"].numpy(), strict=True
         ):
             count = int((classes == 0).sum())
             assert count > 0
@@ -204,7 +204,7 @@ def test_same_seed_same_batches_and_epochs_differ():
     first, second = build(5), build(5)
     epochs_first = [collect(first), collect(first)]
     epochs_second = [collect(second), collect(second)]
-    for a, b in zip(tf.nest.flatten(epochs_first), tf.nest.flatten(epochs_second)):
+    for a, b in zip(tf.nest.flatten(epochs_first), tf.nest.flatten(epochs_second), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(
         epochs_first[0][0][0], epochs_first[1][0][0]
@@ -212,7 +212,7 @@ def test_same_seed_same_batches_and_epochs_differ():
     other = collect(build(6))
     assert not all(
         np.array_equal(a, b)
-        for a, b in zip(tf.nest.flatten(other), tf.nest.flatten(epochs_first[0]))
+        for a, b in zip(tf.nest.flatten(other), tf.nest.flatten(epochs_first[0]), strict=True)
     )
 
 
@@ -240,7 +240,7 @@ def test_order_is_deterministic_unless_shuffling_without_a_seed():
 def test_cache_gives_the_same_batches():
     plain = collect(make_dataset(in_memory(), batch_size=4, image_size=24, seed=2))
     cached = make_dataset(in_memory(), batch_size=4, image_size=24, seed=2, cache=True)
-    for a, b in zip(tf.nest.flatten(plain), tf.nest.flatten(collect(cached))):
+    for a, b in zip(tf.nest.flatten(plain), tf.nest.flatten(collect(cached)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

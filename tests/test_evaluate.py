@@ -18,20 +18,23 @@ def red_threshold_unet(threshold=200):
     model = build_unet(base_filters=4, depth=2)
     for layer in model.layers:
         layer.set_weights([np.zeros_like(weight) for weight in layer.get_weights()])
-    for name, inputs in (("encoder1_conv1", 3), ("encoder1_conv2", 4), ("decoder1_conv1", 8), ("decoder1_conv2", 4)):
+    for name, inputs in (("encoder1_conv1", 3), ("encoder1_conv2", 4), ("decoder1_conv1", 8),
+                         ("decoder1_conv2", 4)):
         box = np.zeros((3, 3, inputs, 4), np.float32)
         box[:, :, 0, 0] = 1 / 9
         model.get_layer(name).set_weights([box, np.zeros(4, np.float32)])
     head = np.zeros((1, 1, 4, 1), np.float32)
     head[0, 0, 0, 0] = -40.0
-    model.get_layer("mask_logits").set_weights([head, np.array([40.0 * threshold / 255], np.float32)])
+    model.get_layer("mask_logits").set_weights(
+        [head, np.array([40.0 * threshold / 255], np.float32)])
     return model
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("evaluate") / "saved_model"
-    return export.export_model(red_threshold_unet(), out_dir, PostprocessOptions(min_size=100, fill_holes=True))
+    return export.export_model(red_threshold_unet(), out_dir,
+                               PostprocessOptions(min_size=100, fill_holes=True))
 
 
 def test_evaluate_cli_writes_scores_and_figures(saved_model, synthetic_data_dir, tmp_path, capsys):
@@ -67,7 +70,8 @@ def test_evaluate_postprocess_overrides_and_errors(saved_model, synthetic_data_d
     assert results["postprocess"]["split"] == "watershed"
     assert "test_a" not in results
     # No object is larger than the image: nothing survives, every gland is a false negative.
-    assert results["test_b"]["tp"] == 0 and results["test_b"]["fp"] == 0 and results["test_b"]["fn"] > 0
+    assert (results["test_b"]["tp"] == 0 and results["test_b"]["fp"] == 0
+            and results["test_b"]["fn"] > 0)
 
     with pytest.raises(SystemExit) as bad_key:
         evaluate.main([str(saved_model), "--split", "test_a", "--postprocess", "colour=red"])
@@ -117,8 +121,10 @@ def test_score_split_on_perfect_and_empty_predictions():
     gt = np.zeros((30, 40), np.int32)
     gt[2:10, 3:12] = 1
     gt[15:25, 20:35] = 2
-    perfect = evaluate.score_split([ScoredImage("a", gt.copy(), gt), ScoredImage("b", gt.copy(), gt)])
-    assert (perfect["f1"], perfect["object_dice"], perfect["object_hausdorff"], perfect["count"]) == (1, 1, 0, 1)
+    perfect = evaluate.score_split([ScoredImage("a", gt.copy(), gt),
+                                    ScoredImage("b", gt.copy(), gt)])
+    assert (perfect["f1"], perfect["object_dice"], perfect["object_hausdorff"],
+            perfect["count"]) == (1, 1, 0, 1)
     assert (perfect["tp"], perfect["fp"], perfect["fn"], perfect["n_images"]) == (4, 0, 0, 2)
     assert perfect["seed"]["object_dice"] == pytest.approx(1.0)
 

@@ -86,7 +86,8 @@ def tiny_unet(contour_head=True, blur=False):
               "encoder1_conv2": (taps(8, [(0, 0), (0, 1), (0, 2), (0, 3)]), ramps),
               "decoder1_conv1": (taps(16, [(i, i) for i in range(4)]), np.zeros(8, np.float32)),
               "decoder1_conv2": (taps(8, [(i, i) for i in range(4)]), np.zeros(8, np.float32))}
-    heads = {"mask": ([40.0, 0, 0, 0], -40.0 * 0.3), "contour": ([0, 300.0, -600.0, 300.0], -300.0 * 0.01)}
+    heads = {"mask": ([40.0, 0, 0, 0], -40.0 * 0.3),
+             "contour": ([0, 300.0, -600.0, 300.0], -300.0 * 0.01)}
     for head, (weights, bias) in heads.items():
         if head in model.output:
             kernel = np.zeros((1, 1, 8, 1), np.float32)
@@ -102,7 +103,8 @@ def blob_image(height, width, seed=0):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:height, :width]
     field = np.zeros((height, width))
-    for cy, cx, radius in zip(rng.uniform(0, height, 12), rng.uniform(0, width, 12), rng.uniform(10, 40, 12)):
+    for cy, cx, radius in zip(rng.uniform(0, height, 12), rng.uniform(0, width, 12),
+                              rng.uniform(10, 40, 12), strict=True):
         field += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
     colour = np.stack([field, 1.5 - field, 0.5 * field], axis=-1)
     colour = (colour - colour.min(axis=(0, 1))) / np.ptp(colour, axis=(0, 1))
@@ -127,7 +129,8 @@ def keras_reference(model, image, options, image_size=0):
     if image_size:
         inputs = tf.clip_by_value(tf.image.resize(inputs, scaled, "bilinear", antialias=True), 0, 1)
     multiple = 2**DEPTH
-    padded = np.pad(inputs.numpy(), [(0, 0), (0, -scaled[0] % multiple), (0, -scaled[1] % multiple), (0, 0)])
+    padded = np.pad(inputs.numpy(),
+                    [(0, 0), (0, -scaled[0] % multiple), (0, -scaled[1] % multiple), (0, 0)])
     outputs = model.predict(padded, verbose=0)
 
     def to_native(output):
@@ -227,7 +230,8 @@ def test_watershed_and_contour_split_need_what_the_graph_has():
     with pytest.raises(ValueError, match="watershed"):
         export.make_serving_function(tiny_unet(), PostprocessOptions(split="watershed"))
     with pytest.raises(ValueError, match="contour head"):
-        export.make_serving_function(tiny_unet(contour_head=False), PostprocessOptions(split="contour"))
+        export.make_serving_function(tiny_unet(contour_head=False),
+                                     PostprocessOptions(split="contour"))
     with pytest.raises(ValueError, match="image_size"):
         export.make_serving_function(tiny_unet(), image_size=-1)
 
@@ -256,8 +260,10 @@ def test_test_time_flips_average_the_four_flips_and_make_the_maps_flip_equivaria
         probability, contour, _ = keras_reference(model, np.ascontiguousarray(flip(odd)), OPTIONS)
         passes.append((flip(probability), flip(contour)))
     served = averaged(tf.constant(odd[None]))
-    np.testing.assert_allclose(served["probabilities"][0], np.mean([p for p, _ in passes], axis=0), atol=1e-5)
-    np.testing.assert_allclose(served["contour"][0], np.mean([c for _, c in passes], axis=0), atol=1e-5)
+    np.testing.assert_allclose(served["probabilities"][0], np.mean([p for p, _ in passes], axis=0),
+                               atol=1e-5)
+    np.testing.assert_allclose(served["contour"][0], np.mean([c for _, c in passes], axis=0),
+                               atol=1e-5)
 
     out_dir = export.export_model(model, tmp_path / "flips", test_time_flips=True)
     assert export.read_export_info(out_dir)["test_time_flips"] is True
@@ -306,7 +312,8 @@ def test_network_runs_at_the_training_scale_whatever_the_image_size(tmp_path):
 
 
 def test_postprocess_overrides_are_typed_and_validated():
-    options = export.postprocess_options(OPTIONS, ["min_size=20", "fill_holes=false", "threshold=0.3"])
+    options = export.postprocess_options(OPTIONS,
+                                         ["min_size=20", "fill_holes=false", "threshold=0.3"])
     assert (options.min_size, options.fill_holes, options.threshold) == (20, False, 0.3)
     assert options.split == "contour"
     with pytest.raises(ValueError, match="min_size"):
@@ -327,7 +334,8 @@ def write_run_dir(run_dir, model, image_size, **train_options):
         save_config,
     )
 
-    config = Config(data=DataConfig(image_size=image_size), model=UNetConfig(base_filters=8, depth=DEPTH),
+    config = Config(data=DataConfig(image_size=image_size),
+                    model=UNetConfig(base_filters=8, depth=DEPTH),
                     train=TrainConfig(**train_options),
                     postprocess=PostprocessOptions(min_size=3))
     save_config(config, run_dir / "config.yaml")
@@ -359,12 +367,15 @@ def test_export_cli_from_run_dir_is_float32_at_the_run_scale_and_native_on_reque
 
     image = blob_image(45, 70)  # runs at 41×64 by default, 45×70 with --image-size 0
     for saved_model, image_size in ((out_dir, 64), (native_dir, 0)):
-        probability, _, instances = keras_reference(model, image, PostprocessOptions(min_size=3), image_size)
-        served = tf.saved_model.load(str(saved_model)).signatures["serving_default"](images=tf.constant(image[None]))
+        probability, _, instances = keras_reference(model, image, PostprocessOptions(min_size=3),
+                                                    image_size)
+        served = tf.saved_model.load(str(saved_model)).signatures["serving_default"](
+            images=tf.constant(image[None]))
         np.testing.assert_allclose(served["probabilities"][0], probability, atol=1e-5)
         np.testing.assert_array_equal(served["instances"][0], instances)
     with pytest.raises(SystemExit) as negative:
-        export.main([str(run_dir), str(tmp_path / "bad"), "--checkpoint", "last", "--image-size", "-5"])
+        export.main([str(run_dir), str(tmp_path / "bad"), "--checkpoint", "last",
+                     "--image-size", "-5"])
     assert negative.value.code == 2 and not (tmp_path / "bad").exists()
 
 
@@ -381,7 +392,8 @@ def test_export_takes_the_checkpoint_the_run_configures_unless_told_otherwise(tm
     for argv, name in (([], "last"), (["--checkpoint", "best"], "best")):
         out_dir = tmp_path / f"exported_{name}"
         export.main([str(run_dir), str(out_dir), *argv])
-        served = tf.saved_model.load(str(out_dir)).signatures["serving_default"](images=tf.constant(image[None]))
+        served = tf.saved_model.load(str(out_dir)).signatures["serving_default"](
+            images=tf.constant(image[None]))
         np.testing.assert_allclose(served["probabilities"][0], expected[name], atol=1e-5)
         weights = run_dir.resolve() / "checkpoints" / f"{name}.weights.h5"
         assert export.read_export_info(out_dir)["weights"] == str(weights)
@@ -421,12 +433,15 @@ def test_maskrcnn_round_trip_in_fresh_process_boxes_in_original_pixels(tmp_path)
     served = serve_in_fresh_process(saved_model_dir, image, tmp_path)
 
     scaled = training_scale(77, 101, 64)
-    inputs = tf.image.resize(tf.constant(image[None], tf.float32) / 255.0, scaled, "bilinear", antialias=True)
+    inputs = tf.image.resize(tf.constant(image[None], tf.float32) / 255.0, scaled, "bilinear",
+                             antialias=True)
     output = model.infer(tf.clip_by_value(inputs, 0, 1))
     assert output["instances"].numpy().max() > 0  # score_threshold 0: random heads detect
     scale = np.array([scaled[0] / 77, scaled[1] / 101] * 2, np.float32)
-    expected = {"instances": tf.image.resize(output["instances"][..., None], (77, 101), "nearest")[..., 0],
-                "probabilities": tf.image.resize(output["probabilities"][..., None], (77, 101))[..., 0],
+    expected = {"instances": tf.image.resize(output["instances"][..., None], (77, 101),
+                                             "nearest")[..., 0],
+                "probabilities": tf.image.resize(output["probabilities"][..., None],
+                                                 (77, 101))[..., 0],
                 "boxes": output["boxes"] / scale, "scores": output["scores"]}
     for prefix in ("images", "bytes"):
         np.testing.assert_array_equal(served[f"{prefix}_instances"], expected["instances"])
@@ -437,5 +452,7 @@ def test_maskrcnn_round_trip_in_fresh_process_boxes_in_original_pixels(tmp_path)
     for label in np.unique(instances[instances > 0]):
         rows, cols = np.nonzero(instances == label)
         ymin, xmin, ymax, xmax = boxes[label - 1]
-        assert ymin - 2 <= rows.min() and rows.max() <= ymax + 2, (label, rows.min(), rows.max(), boxes[label - 1])
-        assert xmin - 2 <= cols.min() and cols.max() <= xmax + 2, (label, cols.min(), cols.max(), boxes[label - 1])
+        assert ymin - 2 <= rows.min() and rows.max() <= ymax + 2, (
+            label, rows.min(), rows.max(), boxes[label - 1])
+        assert xmin - 2 <= cols.min() and cols.max() <= xmax + 2, (
+            label, cols.min(), cols.max(), boxes[label - 1])

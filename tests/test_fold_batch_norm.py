@@ -62,9 +62,10 @@ def test_folded_model_computes_the_same_function_and_leaves_the_original_alone()
 
     folded = fold_batch_norms(model)
 
-    np.testing.assert_allclose(folded(images, training=False).numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(folded(images, training=False).numpy(), expected, rtol=1e-5,
+                               atol=1e-5)
     assert batch_norm_count(folded) == batch_norm_count(model) - 2
-    for before, after in zip(weights, model.get_weights()):
+    for before, after in zip(weights, model.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
     np.testing.assert_array_equal(model(images, training=False).numpy(), expected)
     # Untouched layers are shared, not copied: the folded model sees later weight changes.
@@ -95,7 +96,8 @@ def test_nested_resnet_of_the_maskrcnn_feature_model_folds_completely(backbone):
     folded = fold_batch_norms(features)
 
     assert batch_norm_count(features) > 0 and batch_norm_count(folded) == 0
-    for level, (result, expected) in enumerate(zip(folded(images), features(images, training=False))):
+    for level, (result, expected) in enumerate(zip(folded(images),
+                                                   features(images, training=False), strict=True)):
         scale = np.abs(expected.numpy()).max()
         np.testing.assert_allclose(result.numpy() / scale, expected.numpy() / scale, atol=1e-5,
                                    err_msg=f"P{level + 2}")

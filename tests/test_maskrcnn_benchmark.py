@@ -26,11 +26,13 @@ def test_worker_result_line_is_parsed_and_progress_echoed(tmp_path, capsys):
         echo "  torchvision step 1: 2.00 s"
         echo "a warning" >&2
         echo '{maskrcnn.WORKER_RESULT}{{"torchvision_step_s": 2.5, "argv": "'"$*"'", "path": "'"$PYTHONPATH"'"}}'
-        """)
-    result = maskrcnn.run_worker(python, "--torchvision-worker", 3, 64, 1, ["/extra/dir"], "torchvision_error")
+        """)  # noqa: E501
+    result = maskrcnn.run_worker(python, "--torchvision-worker", 3, 64, 1, ["/extra/dir"],
+                                 "torchvision_error")
 
     assert result["torchvision_step_s"] == 2.5
-    assert result["argv"] == "-m benchmarks.maskrcnn --torchvision-worker --steps 3 --image-size 64 --batch-size 1"
+    assert result["argv"] == ("-m benchmarks.maskrcnn --torchvision-worker --steps 3 "
+                              "--image-size 64 --batch-size 1")
     assert result["path"].split(":") == ["/extra/dir", str(maskrcnn.REPO_ROOT)]
     assert "torchvision step 1: 2.00 s" in capsys.readouterr().out
 
@@ -48,7 +50,8 @@ def test_worker_without_result_reports_exit_code_and_stderr(tmp_path):
     assert "ImportError: no torch here" in result["torchvision_error"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="this interpreter has torch")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
+                    reason="this interpreter has torch")
 def test_torchvision_worker_in_an_interpreter_without_torch_records_the_import_error():
     # The real worker, started as the benchmark starts it: it must get as far as `import torch`.
     result = maskrcnn.benchmark_torchvision(1, 64, 1, sys.executable)

@@ -1,4 +1,5 @@
-"""Mask R-CNN geometry and targets: anchors, box coding, matching, RoIAlign, mask targets, pasting."""
+"""Mask R-CNN geometry and targets: anchors, box coding, matching, RoIAlign, mask targets,
+pasting."""
 import keras
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ def test_anchors_cover_every_level_with_the_right_sizes_and_ratios():
     np.testing.assert_allclose(heights[:3] / widths[:3], [0.5, 1.0, 2.0], rtol=1e-5)
     np.testing.assert_allclose(heights[:3] * widths[:3], 32.0**2, rtol=1e-5)
     second = anchors[16 * 24 * 3:]
-    np.testing.assert_allclose((second[:, 2] - second[:, 0]) * (second[:, 3] - second[:, 1]), 64.0**2, rtol=1e-5)
+    np.testing.assert_allclose((second[:, 2] - second[:, 0]) * (second[:, 3] - second[:, 1]),
+                               64.0**2, rtol=1e-5)
     # Last cell of the second level sits at row 7, column 11 of stride 8.
     np.testing.assert_allclose((second[-1, 0] + second[-1, 2]) / 2, 7.5 * 8)
     np.testing.assert_allclose((second[-1, 1] + second[-1, 3]) / 2, 11.5 * 8)
@@ -54,13 +56,16 @@ def test_rpn_targets_on_hand_made_boxes():
         [0.0, 0.0, 10.0, 10.0],    # IoU 1 with object 0 -> positive
         [1.0, 1.0, 11.0, 11.0],    # IoU 0.68 with object 0 -> ignored
         [40.0, 40.0, 50.0, 50.0],  # no overlap -> negative
-        [20.0, 20.0, 28.0, 30.0],  # IoU 0.4 with object 1, its best anchor -> positive (low quality)
+        [20.0, 20.0, 28.0, 30.0],  # IoU 0.4 with object 1, its best anchor -> positive
+                                   # (low quality)
         [60.0, 60.0, 70.0, 70.0],  # negative
     ])
-    gt_boxes = tf.constant([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 30.0], [-1.0, -1.0, -1.0, -1.0]]])
+    gt_boxes = tf.constant([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 30.0],
+                             [-1.0, -1.0, -1.0, -1.0]]])
     gt_boxes, gt_classes, gt_valid = targets.trim_padding(gt_boxes, tf.constant([[0.0, 0.0, -1.0]]))
     assert gt_boxes.shape[1] == 2 and gt_valid.numpy().all()
-    labels, matched = targets.match(box_ops.box_iou(anchors[None], gt_boxes), gt_valid, 0.7, 0.3, True)
+    labels, matched = targets.match(box_ops.box_iou(anchors[None], gt_boxes), gt_valid,
+                                    0.7, 0.3, True)
     np.testing.assert_array_equal(labels.numpy(), [[1, -1, 0, 1, 0]])
     assert matched.numpy()[0, 0] == 0 and matched.numpy()[0, 3] == 1
 
@@ -71,7 +76,8 @@ def test_rpn_targets_on_hand_made_boxes():
     assert sorted(indices[2:]) == [2, 4] and valid.all()
     box_targets = result["box_targets"].numpy()[0]
     np.testing.assert_allclose(box_targets[list(indices).index(0)], 0.0, atol=1e-6)
-    decoded = box_ops.decode_boxes(box_targets[list(indices).index(3)], anchors[3], box_ops.RPN_BOX_WEIGHTS)
+    decoded = box_ops.decode_boxes(box_targets[list(indices).index(3)], anchors[3],
+                                   box_ops.RPN_BOX_WEIGHTS)
     np.testing.assert_allclose(decoded, [20.0, 20.0, 40.0, 30.0], atol=1e-4)
 
 
@@ -86,7 +92,8 @@ def test_sample_caps_positives_and_marks_shortfall_invalid():
 
 
 def test_roi_targets_append_gt_and_label_by_iou():
-    proposals = tf.constant([[[0.0, 0.0, 10.0, 9.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 0.0, 0.0]]])
+    proposals = tf.constant([[[0.0, 0.0, 10.0, 9.0], [50.0, 50.0, 60.0, 60.0],
+                              [0.0, 0.0, 0.0, 0.0]]])
     proposal_valid = tf.constant([[True, True, False]])
     gt_boxes = tf.constant([[[0.0, 0.0, 10.0, 10.0]]])
     result = targets.roi_targets(proposals, proposal_valid, gt_boxes, tf.constant([[0.0]]),
@@ -162,7 +169,8 @@ def test_multilevel_roi_align_pools_each_box_on_its_level():
     indices = tf.zeros(4, tf.int32)
     pooled = multilevel_roi_align(features, boxes, indices, 7).numpy()
     for row, level in enumerate([4, 3, 2, 5]):
-        single = roi_align(features[level - 2], boxes[row:row + 1], indices[:1], 2**level, 7).numpy()
+        single = roi_align(features[level - 2], boxes[row:row + 1], indices[:1],
+                           2**level, 7).numpy()
         np.testing.assert_allclose(pooled[row], single[0], atol=1e-6)
 
 
@@ -179,7 +187,8 @@ def test_mask_targets_equal_a_hand_cropped_mask():
     instances = _instance_map()
     # A 28x28 box on pixel boundaries samples exactly the pixel centres: a plain crop.
     rois = tf.constant([[10.0, 20.0, 38.0, 48.0], [30.0, 2.0, 58.0, 30.0]])
-    result = targets.mask_targets(instances, rois, tf.constant([0, 0]), tf.constant([1, 2]), 28).numpy()
+    result = targets.mask_targets(instances, rois, tf.constant([0, 0]),
+                                  tf.constant([1, 2]), 28).numpy()
     np.testing.assert_array_equal(result[0], instances[0, 10:38, 20:48] == 1)
     np.testing.assert_array_equal(result[1], instances[0, 30:58, 2:30] == 2)
 
@@ -246,7 +255,8 @@ def test_paste_instances_equals_the_per_pixel_definition():
     valid = np.array([[True, True, True, True], [True, True, False, False]])
     instances, probabilities = inference.paste_instances(masks, boxes, valid, 21, 19, 0.5)
     for n in range(2):
-        expected_ids, expected_probabilities = _reference_paste(masks[n], boxes[n], valid[n], 21, 19, 0.5)
+        expected_ids, expected_probabilities = _reference_paste(masks[n], boxes[n], valid[n],
+                                                                21, 19, 0.5)
         np.testing.assert_allclose(probabilities.numpy()[n], expected_probabilities, atol=1e-5)
         # Ties at the threshold are decided by rounding; compare where the value is clear.
         clear = np.abs(expected_probabilities - 0.5) > 1e-4
@@ -258,7 +268,8 @@ def test_paste_instances_gives_overlaps_to_the_higher_score():
     masks[0, 0] = 0.9    # best detection
     masks[0, 1] = 0.8    # its box overlaps the best one's lower half
     masks[0, 2] = 0.95   # invalid (padding) detection, ignored
-    boxes = np.array([[[0.0, 0.0, 8.0, 8.0], [4.0, 0.0, 12.0, 8.0], [0.0, 0.0, 12.0, 8.0]]], np.float32)
+    boxes = np.array([[[0.0, 0.0, 8.0, 8.0], [4.0, 0.0, 12.0, 8.0], [0.0, 0.0, 12.0, 8.0]]],
+                     np.float32)
     instances, probabilities = inference.paste_instances(
         masks, boxes, tf.constant([[True, True, False]]), 12, 8, 0.5)
     ids = instances.numpy()[0]
@@ -281,7 +292,8 @@ def test_upsample_2x_equals_a_2x2_stride_2_transposed_convolution():
     inputs = keras.Input((5, 5, 3))
     shuffled = keras.Model(inputs, upsample_2x(inputs, 4, 5, "zeros", name="up"))
     kernel, bias = transposed.get_weights()  # (2, 2, out, in), (out,)
-    # Output pixel (2 i + a, 2 j + b), channel c reads kernel[a, b, c]: 1x1 channel (2 a + b) * 4 + c.
+    # Output pixel (2 i + a, 2 j + b), channel c reads kernel[a, b, c]:
+    # 1x1 channel (2 a + b) * 4 + c.
     shuffled.get_layer("up").set_weights([
         kernel.transpose(3, 0, 1, 2).reshape(1, 1, 3, 16), np.tile(bias, 4)])
     np.testing.assert_allclose(shuffled(features).numpy(), expected, atol=1e-5)

@@ -185,7 +185,7 @@ def test_backbone_weights_from_a_keras_weights_file(tmp_path):
     source.save_weights(path)
     target = build_resnet("resnet_tiny")
     load_backbone_weights(target, path)
-    for expected, loaded in zip(source.weights, target.weights):
+    for expected, loaded in zip(source.weights, target.weights, strict=True):
         np.testing.assert_array_equal(expected.numpy(), loaded.numpy())
 
 
@@ -202,7 +202,7 @@ def test_backbone_weights_from_keras_applications_resnet50_h5(tmp_path):
             group = file.create_group(layer.name)
             names = [f"{layer.name}/{w.name}:0" for w in layer.weights]
             group.attrs["weight_names"] = [name.encode() for name in names]
-            for name, weight in zip(names, layer.weights):
+            for name, weight in zip(names, layer.weights, strict=True):
                 group[name] = rng.normal(size=weight.shape).astype(np.float32)
     resnet = build_resnet("resnet50")
     load_backbone_weights(resnet, path)

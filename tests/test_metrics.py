@@ -207,7 +207,7 @@ def test_split_is_pooled_not_averaged():
     assert pooled["object_dice"] == pytest.approx(11 / 12, abs=1e-12)
     # Hausdorff: pred side 0, gt side (10*0 + 2*5)/12 = 5/6 -> 5/12 (per-image mean 5/2).
     assert pooled["object_hausdorff"] == pytest.approx(5 / 12, abs=1e-12)
-    per_image = [metrics.per_image_scores(p, g) for p, g in zip(preds, gts)]
+    per_image = [metrics.per_image_scores(p, g) for p, g in zip(preds, gts, strict=True)]
     assert np.mean([s["object_dice"] for s in per_image]) == pytest.approx(0.5)
     assert np.mean([s["object_hausdorff"] for s in per_image]) == pytest.approx(2.5)
 
@@ -345,7 +345,7 @@ def test_many_specks_against_a_few_glands_is_fast():
     gt[gt > 3] = 0  # keep three glands
     pred = np.zeros(GLAS_SHAPE, np.int32)
     rows, cols = np.meshgrid(np.arange(0, 520, 11), np.arange(0, 773, 11), indexing="ij")
-    for label, (row, col) in enumerate(zip(rows.ravel(), cols.ravel()), start=1):
+    for label, (row, col) in enumerate(zip(rows.ravel(), cols.ravel(), strict=True), start=1):
         pred[row : row + 2, col : col + 2] = label  # 3384 specks of 2 x 2
     start = time.perf_counter()
     result = metrics.glas_scores([pred], [gt])
@@ -359,7 +359,8 @@ def test_many_specks_against_a_few_glands_is_fast():
     areas = np.bincount(gt.ravel())[1:].astype(np.float64)
     speck_dice = np.array([
         2 * np.count_nonzero(patch) / (4 + areas[patch.max() - 1]) if patch.any() else 0.0
-        for patch in (gt[r : r + 2, c : c + 2] for r, c in zip(rows.ravel(), cols.ravel()))
+        for patch in (gt[r : r + 2, c : c + 2]
+                      for r, c in zip(rows.ravel(), cols.ravel(), strict=True))
     ])
     expected_dice = 0.5 * (speck_dice.mean() + areas @ (8 / (4 + areas)) / areas.sum())
     assert result["object_dice"] == pytest.approx(expected_dice, abs=1e-12)

@@ -113,7 +113,8 @@ def test_tf_postprocess_equals_numpy(options):
     rng = np.random.default_rng(2)
     probability = smooth_field(rng, (5, 45, 62), sigma=2.5)
     contour = smooth_field(rng, (5, 45, 62), sigma=1.5)
-    expected = [postprocess_instances(p, c, options) for p, c in zip(probability, contour)]
+    expected = [postprocess_instances(p, c, options)
+                for p, c in zip(probability, contour, strict=True)]
     expected = np.stack(expected)
     assert expected.max() > 1  # non-trivial instance maps
 

@@ -51,7 +51,8 @@ def test_predict_cli_all_good_exits_zero_and_rejects_name_clashes(saved_model, t
     (tmp_path / "x").mkdir()
     for path in (tmp_path / "one.png", tmp_path / "x" / "one.jpg"):
         Image.fromarray(image).save(path)
-    assert predict.main([str(saved_model), str(tmp_path / "one.png"), "--out", str(tmp_path / "out")]) == 0
+    assert predict.main([str(saved_model), str(tmp_path / "one.png"), "--out",
+                         str(tmp_path / "out")]) == 0
     with pytest.raises(SystemExit) as clash:
         predict.main([str(saved_model), str(tmp_path / "one.png"), str(tmp_path / "x" / "one.jpg"),
                       "--out", str(tmp_path / "out2")])

@@ -110,9 +110,11 @@ def test_study_scores_a_repeated_variant_once(tmp_path, monkeypatch):
         == study["selected_on_validation"]["rank_sums"]["min_size"]
 
 
-def test_study_scores_the_flip_averaged_export_under_the_config_postprocessing(tmp_path, monkeypatch):
+def test_study_scores_the_flip_averaged_export_under_the_config_postprocessing(tmp_path,
+                                                                               monkeypatch):
     # The config's options are those of `min_size`, yet the flip variant is scored, on its model.
-    study, evaluated = run_fake_study(tmp_path, monkeypatch, flipped_saved_model=tmp_path / "flipped",
+    study, evaluated = run_fake_study(tmp_path, monkeypatch,
+                                      flipped_saved_model=tmp_path / "flipped",
                                       flipped_export_command="python -m keras_glas.export X")
     flips = study["variants"][real_glas.FLIPS_VARIANT]
     assert "same_as" not in flips and flips["export_command"] == "python -m keras_glas.export X"

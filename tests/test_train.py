@@ -175,14 +175,14 @@ def test_ema_checkpoints_hold_the_averaged_weights_and_the_backup_the_raw_ones(
     saved = [variable.numpy() for variable in checkpoint.trainable_variables]
     backup = load_weights_into_compiled(tmp_path / "backup" / "main" / "latest.weights.h5", config)
     raw = [variable.numpy() for variable in backup.trainable_variables]
-    same = [np.allclose(a, b) for a, b in zip(saved, raw)]
+    same = [np.allclose(a, b) for a, b in zip(saved, raw, strict=True)]
     if ema_momentum is None:
         assert all(same)
         return
     assert not all(same)  # 4 steps of SGD at lr 0.1 move the raw weights off their average
     # The backup's optimizer holds the average the checkpoint was saved from.
     backup.optimizer.finalize_variable_values(backup.trainable_variables)
-    for variable, value in zip(backup.trainable_variables, saved):
+    for variable, value in zip(backup.trainable_variables, saved, strict=True):
         np.testing.assert_allclose(variable.numpy(), value, rtol=1e-6, err_msg=variable.path)
 
 

@@ -55,5 +55,6 @@ def test_a_bad_config_fails_before_any_worker_starts(tmp_path):
 def test_a_failing_worker_names_its_command(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("train: {no_such_key: 1}\n")
-    with pytest.raises(SystemExit, match=r"(?s)benchmark worker failed .*--worker nojit.*no_such_key"):
+    with pytest.raises(SystemExit,
+                       match=r"(?s)benchmark worker failed .*--worker nojit.*no_such_key"):
         unet_training.run_worker(str(config), False, "0", 1)

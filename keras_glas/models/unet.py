@@ -47,7 +47,7 @@ def _check_arguments(input_shape, base_filters, depth, dropout):
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"build_unet: dropout must be in [0, 1), got {dropout!r}")
     stride = 2**depth
-    for axis, size in zip(("height", "width"), input_shape[:2]):
+    for axis, size in zip(("height", "width"), input_shape[:2], strict=True):
         if size is not None and size % stride:
             raise ValueError(
                 f"build_unet: input {axis} {size} is not divisible by 2**depth = {stride}; "

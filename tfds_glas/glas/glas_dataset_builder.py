@@ -90,7 +90,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "merged into one id."
             )
         return self.dataset_info_from_configs(
-            description=f"{_DESCRIPTION}\nConfig `{self.builder_config.name}`: {self.builder_config.description}",
+            description=(
+                f"{_DESCRIPTION}\nConfig `{self.builder_config.name}`: "
+                f"{self.builder_config.description}"
+            ),
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(
@@ -108,7 +111,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                         names=list(release.DETAILED_GRADES),
                         doc="`grade (Sirinukunwattana et al. 2015)` column of Grade.csv.",
                     ),
-                    "patient_id": tfds.features.Scalar(dtype=np.int32, doc="`patient ID` of Grade.csv."),
+                    "patient_id": tfds.features.Scalar(
+                        dtype=np.int32, doc="`patient ID` of Grade.csv."
+                    ),
                     "name": tfds.features.Text(doc="Release name, e.g. `testA_12`."),
                 }
             ),
@@ -224,8 +229,8 @@ def _check_names(files, names, grades):
     ungraded = [name for name in names if name not in grades]
     if ungraded:
         raise GlasDataError(
-            f"{len(ungraded)} image(s) are not in {grade_location}, e.g. {ungraded[0]}.bmp. Use the "
-            "Grade.csv of the same release (or remove images that are not part of GlaS)."
+            f"{len(ungraded)} image(s) are not in {grade_location}, e.g. {ungraded[0]}.bmp. "
+            "Use the Grade.csv of the same release (or remove images that are not part of GlaS)."
         )
     missing = sorted(set(grades) - set(names), key=release.example_sort_key)
     if missing:
@@ -237,14 +242,19 @@ def _check_names(files, names, grades):
 
 def _check_targets_present(files, names, source):
     """Fails before anything is written when label files are missing."""
-    missing = [_target_file(source, name) for name in names if not files.exists(_target_file(source, name))]
+    missing = [
+        _target_file(source, name)
+        for name in names
+        if not files.exists(_target_file(source, name))
+    ]
     if not missing:
         return
     example = files.location(missing[0])
     if source == "binary_masks":
         raise GlasDataError(
             f"{len(missing)} of {len(names)} binary masks are missing, e.g. {example}. Put one "
-            f"`{release.BINARY_MASK_FOLDER}/<name>.png` (0/255 or 0/1) beside the images for each image."
+            f"`{release.BINARY_MASK_FOLDER}/<name>.png` (0/255 or 0/1) beside the images for "
+            "each image."
         )
     hint = ""
     if files.exists(f"{release.BINARY_MASK_FOLDER}/{names[0]}.png"):

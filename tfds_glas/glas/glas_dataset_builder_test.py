@@ -9,7 +9,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::tfds_glas.glas.release.GlasInte
 
 
 class GlasReleaseTest(tfds.testing.DatasetBuilderTestCase):
-    """`original` and `binary_masks` read the same fake release (6 images, palette BMP annotations)."""
+    """`original` and `binary_masks` read the same fake release (6 images, palette BMP
+    annotations)."""
 
     DATASET_CLASS = glas_dataset_builder.Builder
     BUILDER_CONFIG_NAMES_TO_TEST = ["original", "binary_masks"]

@@ -37,17 +37,21 @@ DETAILED_GRADES = (
     "poorly differentiated",
 )
 # Spellings found in Grade.csv -> canonical `DETAILED_GRADES` entry.
-_DETAILED_GRADE_ALIASES = {"moderately-to-poorly differentated": "moderately-to-poorly differentiated"}
+_DETAILED_GRADE_ALIASES = {
+    "moderately-to-poorly differentated": "moderately-to-poorly differentiated"
+}
 _IMAGE_NAME = re.compile(r"^(train|testA|testB)_(\d+)\.bmp$")
 
 EXPECTED_LAYOUT = (
     f"the release zip `{RELEASE_ZIP}`, its extracted folder `{RELEASE_FOLDER}/`, or the flat "
-    f"files themselves (`train_1.bmp`, `train_1_anno.bmp`, ..., `testB_20_anno.bmp`, `{GRADE_FILE}`)"
+    f"files themselves (`train_1.bmp`, `train_1_anno.bmp`, ..., `testB_20_anno.bmp`, "
+    f"`{GRADE_FILE}`)"
 )
 
 
 class GlasDataError(ValueError):
-    """A GlaS input file is missing, unreadable or inconsistent; the message says which and how to fix it."""
+    """A GlaS input file is missing, unreadable or inconsistent; the message says which and how
+    to fix it."""
 
 
 class GlasIntegrityWarning(UserWarning):
@@ -93,7 +97,8 @@ class ReleaseFiles:
         manual_dir = pathlib.Path(os.fspath(manual_dir))
         if not manual_dir.is_dir():
             raise GlasDataError(
-                f"manual_dir {manual_dir} does not exist. Create it and put in it {EXPECTED_LAYOUT}."
+                f"manual_dir {manual_dir} does not exist. Create it and put in it "
+                f"{EXPECTED_LAYOUT}."
             )
         for folder in (manual_dir, manual_dir / RELEASE_FOLDER):
             if (folder / GRADE_FILE).is_file() or any(folder.glob("*.bmp")):
@@ -173,7 +178,8 @@ def parse_grades(text, source):
     if header[:3] != expected or len(header) < 4:
         raise GlasDataError(
             f"{source} is not the release's Grade.csv: its header is {header}, expected "
-            f"{expected + ['grade (sirinukunwattana et al. 2015)']}. Copy Grade.csv from the release."
+            f"{expected + ['grade (sirinukunwattana et al. 2015)']}. "
+            "Copy Grade.csv from the release."
         )
     records = {}
     for line_number, row in enumerate(rows[1:], start=2):
@@ -188,7 +194,8 @@ def parse_grades(text, source):
             records[name] = GradeRecord(int(patient_id), grade, detailed)
         except ValueError as error:
             raise GlasDataError(
-                f"{source} line {line_number} {row} is malformed ({error}); copy Grade.csv from the release."
+                f"{source} line {line_number} {row} is malformed ({error}); "
+                "copy Grade.csv from the release."
             ) from error
     return records
 
@@ -214,8 +221,8 @@ def verify_release_file(name, data, manifest, location):
     if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
         warnings.warn(
             f"{location} differs from the published GlaS release file {name} (size {len(data)} vs "
-            f"{size} bytes, or sha256): it is a re-saved or corrupted copy. Pixels are used as they "
-            "are; copy the file from the release zip to get the official data.",
+            f"{size} bytes, or sha256): it is a re-saved or corrupted copy. Pixels are used as "
+            "they are; copy the file from the release zip to get the official data.",
             GlasIntegrityWarning,
             stacklevel=2,
         )
@@ -229,7 +236,8 @@ def _open_image(data, location):
         declared = struct.unpack("<I", data[2:6])[0]
         if len(data) < declared:
             raise GlasDataError(
-                f"{location} is truncated ({len(data)} bytes, its BMP header says {declared}); {fix}."
+                f"{location} is truncated ({len(data)} bytes, its BMP header says {declared}); "
+                f"{fix}."
             )
     try:
         image = Image.open(io.BytesIO(data))
@@ -248,8 +256,9 @@ def decode_rgb_image(data, location):
     image = _open_image(data, location)
     if image.mode != "RGB":
         raise GlasDataError(
-            f"{location} has PIL mode {image.mode!r} ({len(image.getbands())} channel(s)); GlaS images "
-            "are 3-channel RGB BMPs. Use the original image from the release, not a converted copy."
+            f"{location} has PIL mode {image.mode!r} ({len(image.getbands())} channel(s)); "
+            "GlaS images are 3-channel RGB BMPs. Use the original image from the release, not a "
+            "converted copy."
         )
     return np.asarray(image, dtype=np.uint8)
 
@@ -264,7 +273,8 @@ def decode_annotation(data, location):
     if image.mode not in ("P", "L"):
         raise GlasDataError(
             f"{location} has PIL mode {image.mode!r}; GlaS annotations are 8-bit palette (or "
-            "greyscale) BMPs whose values are gland ids. Use the original annotation from the release."
+            "greyscale) BMPs whose values are gland ids. Use the original annotation from the "
+            "release."
         )
     # For mode "P", np.asarray gives the palette indices, not the colours.
     return np.asarray(image).astype(np.uint16)

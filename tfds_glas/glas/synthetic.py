@@ -143,7 +143,9 @@ def draw_instances(rng, height, width, malignant):
 
 def _largest_component(mask):
     """The largest 8-connected component of a bool mask (H, W), as a bool mask."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8
+    )
     if count <= 2:
         return mask
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -158,7 +160,8 @@ def _smooth_noise(rng, height, width, cell, amplitude):
 
 def _draw_stroma(rng, height, width):
     """Pink stroma with staining variation, fibres and stromal nuclei: float32 (H, W, 3)."""
-    shade = 1.0 + _smooth_noise(rng, height, width, 40, 0.06) + _smooth_noise(rng, height, width, 8, 0.03)
+    shade = (1.0 + _smooth_noise(rng, height, width, 40, 0.06)
+             + _smooth_noise(rng, height, width, 8, 0.03))
     image = _STROMA_RGB[None, None, :] * shade[..., None]
     fibres = np.zeros((height, width), np.uint8)
     for _ in range(int(height * width / 2500)):
@@ -196,7 +199,9 @@ def _draw_glands(rng, image, instances, malignant):
         top, bottom, left, right = box[0].start, box[0].stop, box[1].start, box[1].stop
         # A one-pixel frame of background outlines the gland, except where the tile border cuts
         # it: the cut has no epithelium, as in a real section.
-        mask = np.pad(instances[top:bottom, left:right] == gland_id, 1, mode="edge").astype(np.uint8)
+        mask = np.pad(
+            instances[top:bottom, left:right] == gland_id, 1, mode="edge"
+        ).astype(np.uint8)
         mask[0, :] *= top == 0
         mask[-1, :] *= bottom == height
         mask[:, 0] *= left == 0
@@ -210,20 +215,25 @@ def _draw_glands(rng, image, instances, malignant):
         # As many nuclei as the outline is long, spread over their depth range in the band.
         outline = int(np.count_nonzero(inside & (depth < 1.5)))
         layer_y, layer_x = np.nonzero(
-            inside & (depth >= nuclear_depths[0] * thickness) & (depth <= nuclear_depths[1] * thickness)
+            inside & (depth >= nuclear_depths[0] * thickness)
+            & (depth <= nuclear_depths[1] * thickness)
         )
         if layer_y.size == 0:
             continue
         picks = rng.integers(layer_y.size, size=int(outline * nuclei_per_outline_pixel))
-        for y, x in zip(layer_y[picks] + top, layer_x[picks] + left):
-            axes = (int(round(rng.uniform(*nuclear_radius))), int(round(rng.uniform(*nuclear_radius) * 0.7)))
-            cv2.ellipse(nuclei, (int(x), int(y)), axes, rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA)
+        for y, x in zip(layer_y[picks] + top, layer_x[picks] + left, strict=True):
+            axes = (int(round(rng.uniform(*nuclear_radius))),
+                    int(round(rng.uniform(*nuclear_radius) * 0.7)))
+            cv2.ellipse(
+                nuclei, (int(x), int(y)), axes, rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA
+            )
     nuclei[instances == 0] = 0
     texture = 1.0 + _smooth_noise(rng, height, width, 6, 0.04)[..., None]
     image[cytoplasm] = (_CYTOPLASM_RGB * texture)[cytoplasm]
     lumen = lumen_tint >= 0
     tint = lumen_tint[lumen][:, None]
-    image[lumen] = (_LUMEN_RGB * (1.0 - tint) + _STROMA_RGB * tint) * (1.0 + 0.3 * (texture[lumen] - 1.0))
+    image[lumen] = ((_LUMEN_RGB * (1.0 - tint) + _STROMA_RGB * tint)
+                    * (1.0 + 0.3 * (texture[lumen] - 1.0)))
     alpha = nuclei.astype(np.float32)[..., None] / 255.0 * 0.9
     image *= 1.0 - alpha
     image += _NUCLEUS_RGB * alpha

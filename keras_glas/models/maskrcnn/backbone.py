@@ -2,7 +2,8 @@
 
 Backbone weight sources (`backbone_weights=`):
 - a `.weights.h5` file written by `ResNetBackbone.save_weights` for the same backbone;
-- a Keras-applications ResNet50 `.h5` file (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`,
+- a Keras-applications ResNet50 `.h5` file
+  (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`,
   or any `keras.applications.ResNet50` saved in legacy HDF5), mapped layer by layer
   (`convS_blockB_i_conv/bn` -> `v2_stack_{S-2}_blockB_i_conv/bn`); the applications' conv biases
   are folded into the following batch norm's moving mean (KerasCV convs have no bias), and the
@@ -64,7 +65,7 @@ def build_feature_model(resnet, fpn_channels):
     images = keras.Input((None, None, 3), name="images")
     merged = None
     outputs = []
-    for level, stage in reversed(list(zip(levels, stages(images)))):
+    for level, stage in reversed(list(zip(levels, stages(images), strict=True))):
         lateral = keras.layers.Conv2D(fpn_channels, 1, name=f"fpn_lateral_P{level}")(stage)
         if merged is not None:
             upsampled = keras.layers.UpSampling2D(2, name=f"fpn_upsample_P{level + 1}")(merged)
@@ -100,14 +101,15 @@ def load_backbone_weights(resnet, source):
             preset = keras_cv.models.ResNetBackbone.from_preset(source, input_shape=(None, None, 3))
         except Exception as error:  # the hub raises many kinds of network/lookup errors
             raise RuntimeError(
-                f"backbone_weights={source!r}: could not load this KerasCV preset ({error}). Presets "
-                "download from Kaggle and fail offline; pass a local .weights.h5 or a "
+                f"backbone_weights={source!r}: could not load this KerasCV preset ({error}). "
+                "Presets download from Kaggle and fail offline; pass a local .weights.h5 or a "
                 "Keras-applications ResNet50 .h5 file instead."
             ) from error
         resnet.set_weights(preset.get_weights())
         # KerasCV's ImageNet presets take RGB in [0, 1] (0..255 rescaled by the model).
         conv, bn = resnet.get_layer("conv1_conv"), resnet.get_layer("conv1_bn")
-        kernel, bias = _fold_input_normalisation(conv.kernel.numpy(), 0.0, IMAGENET_STD, IMAGENET_MEAN)
+        kernel, bias = _fold_input_normalisation(conv.kernel.numpy(), 0.0, IMAGENET_STD,
+                                                 IMAGENET_MEAN)
         conv.kernel.assign(kernel)
         bn.moving_mean.assign(bn.moving_mean.numpy() - bias)
 
@@ -150,8 +152,9 @@ def _load_applications_resnet50(resnet, path):
             gamma, beta, mean, variance = _stored_weights(stored, layer, path)
             # BN(conv(x) + b) == BN'(conv(x)) with moving mean - b.
             bias = conv_biases.get(layer.name[: -len("_bn")], 0.0)
-            for variable, value in zip((layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance),
-                                       (gamma, beta, mean - bias, variance)):
+            for variable, value in zip((layer.gamma, layer.beta, layer.moving_mean,
+                                        layer.moving_variance),
+                                       (gamma, beta, mean - bias, variance), strict=True):
                 variable.assign(value)
 
 

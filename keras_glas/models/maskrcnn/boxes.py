@@ -10,7 +10,8 @@ import tensorflow as tf
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 RCNN_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-# Largest log size ratio a decoded delta may have (torchvision's bound: boxes at most 62x an anchor).
+# Largest log size ratio a decoded delta may have
+# (torchvision's bound: boxes at most 62x an anchor).
 MAX_LOG_SCALE = math.log(1000.0 / 16.0)
 
 
@@ -29,7 +30,7 @@ def generate_anchors(image_height, image_width, strides, sizes, aspect_ratios):
     """
     ratios = tf.constant(aspect_ratios, tf.float32)
     anchors = []
-    for stride, size in zip(strides, sizes):
+    for stride, size in zip(strides, sizes, strict=True):
         # A ratio r = h / w keeps the area size**2.
         half_h = size * tf.sqrt(ratios) / 2.0
         half_w = size / tf.sqrt(ratios) / 2.0
@@ -90,7 +91,8 @@ def encode_boxes(boxes, anchors, weights):
     w = tf.maximum(w, 1e-6)
     wy, wx, wh, ww = weights
     return tf.stack(
-        [wy * (cy - acy) / ah, wx * (cx - acx) / aw, wh * tf.math.log(h / ah), ww * tf.math.log(w / aw)],
+        [wy * (cy - acy) / ah, wx * (cx - acx) / aw,
+         wh * tf.math.log(h / ah), ww * tf.math.log(w / aw)],
         axis=-1,
     )
 

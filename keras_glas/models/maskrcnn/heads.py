@@ -14,7 +14,8 @@ def build_rpn_head(channels, num_anchors, name="rpn_head"):
     features = keras.Input((None, None, channels), dtype=HEAD_DTYPE)
     init = keras.initializers.RandomNormal(stddev=0.01)
     hidden = keras.layers.Conv2D(channels, 3, padding="same", activation="relu",
-                                 kernel_initializer=init, dtype=HEAD_DTYPE, name="rpn_conv")(features)
+                                 kernel_initializer=init, dtype=HEAD_DTYPE,
+                                 name="rpn_conv")(features)
     logits = keras.layers.Conv2D(num_anchors, 1, kernel_initializer=init, dtype=HEAD_DTYPE,
                                  name="rpn_objectness")(hidden)
     deltas = keras.layers.Conv2D(4 * num_anchors, 1, kernel_initializer=init, dtype=HEAD_DTYPE,
@@ -78,6 +79,7 @@ def upsample_2x(features, channels, size, initializer, name):
                                  dtype=HEAD_DTYPE, name=name)(features)
     blocks = keras.layers.Reshape((size, size, 2, 2, channels), dtype=HEAD_DTYPE,
                                   name=f"{name}_blocks")(blocks)
-    blocks = keras.layers.Permute((1, 3, 2, 4, 5), dtype=HEAD_DTYPE, name=f"{name}_interleave")(blocks)
+    blocks = keras.layers.Permute((1, 3, 2, 4, 5), dtype=HEAD_DTYPE,
+                                  name=f"{name}_interleave")(blocks)
     return keras.layers.Reshape((2 * size, 2 * size, channels), dtype=HEAD_DTYPE,
                                 name=f"{name}_shuffle")(blocks)

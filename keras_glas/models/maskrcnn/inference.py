@@ -13,7 +13,8 @@ def _large_enough(boxes):
     )
 
 
-def propose(objectness, deltas, anchors, height, width, pre_nms_top_n, post_nms_top_n, iou_threshold):
+def propose(objectness, deltas, anchors, height, width, pre_nms_top_n, post_nms_top_n,
+            iou_threshold):
     """RPN proposals: top-k anchors by objectness, decoded, clipped, then NMS per image.
 
     Args:
@@ -28,7 +29,8 @@ def propose(objectness, deltas, anchors, height, width, pre_nms_top_n, post_nms_
     top_n = tf.minimum(pre_nms_top_n, tf.shape(anchors)[0])
     scores, indices = tf.math.top_k(objectness, top_n)
     proposals = box_ops.decode_boxes(
-        tf.gather(deltas, indices, batch_dims=1), tf.gather(anchors, indices), box_ops.RPN_BOX_WEIGHTS
+        tf.gather(deltas, indices, batch_dims=1), tf.gather(anchors, indices),
+        box_ops.RPN_BOX_WEIGHTS
     )
     proposals = box_ops.clip_boxes(proposals, height, width)
     scores = tf.where(_large_enough(proposals), tf.sigmoid(scores), 0.0)
@@ -101,7 +103,8 @@ def _paste_window(box, size, height, width):
         return ((tf.cast(pixel, tf.float32) + 0.5 - start) * size / side + 0.5) / (size + 1)
 
     crop_box = tf.stack([normalised(top, box[0], box_h), normalised(left, box[1], box_w),
-                         normalised(bottom - 1, box[0], box_h), normalised(right - 1, box[1], box_w)])
+                         normalised(bottom - 1, box[0], box_h),
+                         normalised(right - 1, box[1], box_w)])
     return top, left, bottom - top, right - left, crop_box
 
 
@@ -128,7 +131,8 @@ def paste_instances(masks, boxes, valid, height, width, threshold):
     shape = tf.shape(masks)
     detections = shape[1]
     total = shape[0] * detections
-    padded = tf.reshape(tf.pad(masks, [[0, 0], [0, 0], [1, 1], [1, 1]]), (-1, size + 2, size + 2, 1))
+    padded = tf.reshape(tf.pad(masks, [[0, 0], [0, 0], [1, 1], [1, 1]]),
+                        (-1, size + 2, size + 2, 1))
     flat_boxes = tf.reshape(boxes, (-1, 4))
     flat_valid = tf.reshape(valid, (-1,))
     canvas_shape = tf.stack([shape[0], height, width])

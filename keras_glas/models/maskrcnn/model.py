@@ -58,7 +58,8 @@ def run_on_rois(head, pooled, training=None):
     fails the bias add.
     """
     count = tf.shape(pooled)[0]
-    filler = tf.zeros(tf.concat([[tf.maximum(1 - count, 0)], tf.shape(pooled)[1:]], 0), pooled.dtype)
+    filler = tf.zeros(tf.concat([[tf.maximum(1 - count, 0)], tf.shape(pooled)[1:]], 0),
+                      pooled.dtype)
     return head(tf.concat([pooled, filler], 0), training=training)[:count]
 
 
@@ -88,7 +89,8 @@ class MaskRCNN(keras.Model):
                  **options):
         unknown = sorted(set(options) - set(DEFAULT_OPTIONS) - {"dtype", "trainable"})
         if unknown:
-            raise ValueError(f"unknown Mask R-CNN options {unknown}; valid: {sorted(DEFAULT_OPTIONS)}")
+            raise ValueError(f"unknown Mask R-CNN options {unknown}; "
+                             f"valid: {sorted(DEFAULT_OPTIONS)}")
         keras_kwargs = {key: options.pop(key) for key in ("dtype", "trainable") if key in options}
         super().__init__(name=name, **keras_kwargs)
         self.backbone_name = backbone
@@ -137,10 +139,12 @@ class MaskRCNN(keras.Model):
         if feature_model is None:
             feature_model = self.feature_model
         features = feature_model(images, training=training)
-        return [tf.cast(level, tf.float32) for level in features], shape[1] + pad_h, shape[2] + pad_w
+        return ([tf.cast(level, tf.float32) for level in features], shape[1] + pad_h,
+                shape[2] + pad_w)
 
     def _rpn(self, features, padded_height, padded_width):
-        """RPN outputs flattened in anchor order: logits (B, A), deltas (B, A, 4), anchors (A, 4)."""
+        """RPN outputs flattened in anchor order: logits (B, A), deltas (B, A, 4),
+        anchors (A, 4)."""
         logits, deltas = [], []
         for level in features:
             level_logits, level_deltas = self.rpn_head(level)
@@ -157,7 +161,8 @@ class MaskRCNN(keras.Model):
         """RoIAlign of (B, K, 4) RoIs -> (B * K, size, size, C)."""
         shape = tf.shape(rois)
         box_indices = tf.repeat(tf.range(shape[0]), shape[1])
-        return multilevel_roi_align(features[:ROI_LEVELS], tf.reshape(rois, (-1, 4)), box_indices, size)
+        return multilevel_roi_align(features[:ROI_LEVELS], tf.reshape(rois, (-1, 4)), box_indices,
+                                    size)
 
     # ----------------------------------------------------------------------------- training
     @DO_NOT_CONVERT
@@ -175,7 +180,8 @@ class MaskRCNN(keras.Model):
         objectness, deltas, anchors = self._rpn(features, padded_h, padded_w)
 
         rpn = targets.rpn_targets(anchors, gt_boxes, gt_valid, o["rpn_batch_size_per_image"],
-                                  o["rpn_positive_fraction"], o["rpn_positive_iou"], o["rpn_negative_iou"])
+                                  o["rpn_positive_fraction"], o["rpn_positive_iou"],
+                                  o["rpn_negative_iou"])
         result = {
             "rpn_class_loss": losses.objectness_loss(
                 tf.gather(objectness, rpn["indices"], batch_dims=1), rpn["positive"], rpn["valid"]),
@@ -192,13 +198,15 @@ class MaskRCNN(keras.Model):
         rois = targets.roi_targets(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
                                    o["roi_batch_size_per_image"], o["roi_positive_fraction"],
                                    o["roi_positive_iou"])
-        flat = {key: tf.reshape(value, (-1,) + tuple(value.shape[2:])) for key, value in rois.items()}
+        flat = {key: tf.reshape(value, (-1,) + tuple(value.shape[2:]))
+                for key, value in rois.items()}
         class_logits, box_deltas = self.box_head(self._pool(features, rois["rois"], BOX_POOL_SIZE),
                                                  training=training)
         foreground = tf.maximum(flat["classes"] - 1, 0)
         box_deltas = tf.gather(tf.reshape(box_deltas, (-1, self.num_classes, 4)), foreground,
                                batch_dims=1)
-        result["class_loss"] = losses.classification_loss(class_logits, flat["classes"], flat["valid"])
+        result["class_loss"] = losses.classification_loss(class_logits, flat["classes"],
+                                                          flat["valid"])
         result["box_loss"] = losses.box_loss(box_deltas, flat["box_targets"], flat["positive"],
                                              flat["valid"])
 

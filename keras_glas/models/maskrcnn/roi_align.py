@@ -114,7 +114,8 @@ def multilevel_roi_align(features, boxes, box_indices, output_size, sampling_rat
     level_boxes = tf.dynamic_partition(boxes, level_index, num_levels)
     level_indices = tf.dynamic_partition(box_indices, level_index, num_levels)
     pooled = [
-        roi_align(level_features, level_boxes[i], level_indices[i], 2 ** (min_level + i), output_size, sampling_ratio)
+        roi_align(level_features, level_boxes[i], level_indices[i], 2 ** (min_level + i),
+                  output_size, sampling_ratio)
         for i, level_features in enumerate(features)
     ]
     return tf.dynamic_stitch(positions, pooled)
