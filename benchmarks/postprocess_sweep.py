@@ -1,7 +1,8 @@
 """Benchmark: a grid of U-Net post-processing settings on one SavedModel, predicting once.
 
-    python -m benchmarks.postprocess_sweep SAVED_MODEL --dataset glas/binary_masks \\
-        --data-dir D --grid threshold=0.4,0.5,0.6 min_size=300,600,1000,1500 \\
+    python -m benchmarks.postprocess_sweep SAVED_MODEL [SAVED_MODEL ...] \\
+        --dataset glas/binary_masks --data-dir D \\
+        --grid threshold=0.4,0.5,0.6 min_size=300,600,1000,1500 \\
         [--splits validation test_a test_b] [--out FILE]
 
 The driver's post-processing study (`benchmarks.real_glas`) runs `keras_glas.evaluate` once per
@@ -15,6 +16,10 @@ the SavedModel's own options. Each combination is scored like `evaluate` scores 
 split (the run's held-out training images), `selected_on_validation` is the combination with
 the best validation rank sum (`benchmarks.real_glas.select_on_validation`): its test scores
 estimate choosing post-processing by this sweep without looking at the test splits.
+
+Several SavedModels (U-Nets trained apart, e.g. two runs of one config) make an ensemble: each
+predicts every image, their maps are averaged, and the mean maps are post-processed under the
+grid, over the first SavedModel's options. Its cost is the sum of its members' training times.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import shlex
 import sys
 import time
@@ -77,11 +83,63 @@ def grid_overrides(grid: dict[str, list[str]]) -> dict[str, list[str]]:
     return {",".join(overrides): list(overrides) for overrides in combinations}
 
 
-def sweep(saved_model, dataset, data_dir, grid, splits=(VALIDATION, *SPLITS), progress=True):
-    """Scores `saved_model` (a U-Net SavedModel) under every combination of `grid`.
+def averaged_maps(predictors, dataset, split, data_dir=None, progress=True):
+    """The maps of every image of a split, averaged over `predictors`.
 
     Args:
-        saved_model: path of a SavedModel written by `keras_glas.export`.
+        predictors: U-Net predictors (`keras_glas.predict.SavedModelPredictor`), each run over
+            the whole split in turn; one predictor gives its own maps unchanged.
+        dataset, split, data_dir, progress: as in `keras_glas.evaluate.predicted_examples`.
+    Returns:
+        list of `(name, ground_truth, maps)` in dataset order: str, int32 (H, W) and
+        `{"probabilities": float32 (H, W)[, "contour": float32 (H, W)]}`, the mean over the
+        predictors.
+    Raises:
+        ValueError: the predictors return different maps (one has a contour head, another
+            not) or see the images in a different order.
+    """
+    examples = None
+    for predictor in predictors:
+        predicted = [(name, ground_truth,
+                      {key: outputs[key] for key in MAP_KEYS if key in outputs})
+                     for name, _, ground_truth, outputs in predicted_examples(
+                         predictor, dataset, split, data_dir, progress)]
+        if examples is None:
+            examples = predicted
+            continue
+        for (name, _, sums), (other_name, _, maps) in zip(examples, predicted, strict=True):
+            if other_name != name or set(maps) != set(sums):
+                raise ValueError(
+                    f"{split}: ensemble members disagree on image {name!r} ({sorted(sums)}) vs "
+                    f"{other_name!r} ({sorted(maps)}): every SavedModel must be a U-Net with "
+                    "the same outputs (all with a contour head, or none)")
+            for key in sums:
+                sums[key] = sums[key] + maps[key]
+    return [(name, ground_truth, {key: value / len(predictors) for key, value in maps.items()})
+            for name, ground_truth, maps in examples]
+
+
+def ensemble_validation_split(saved_models) -> str:
+    """The validation split every member of an ensemble held out (`validation_split`).
+
+    Raises:
+        ValueError: the members held out different training images.
+    """
+    splits = {str(saved_model): validation_split(saved_model) for saved_model in saved_models}
+    if len(set(splits.values())) > 1:
+        raise ValueError(f"the SavedModels held out different validation images ({splits}): "
+                         "score the ensemble on test_a / test_b only (--splits test_a test_b)")
+    return next(iter(splits.values()))
+
+
+def sweep(saved_model, dataset, data_dir, grid, splits=(VALIDATION, *SPLITS), progress=True):
+    """Scores `saved_model` (a U-Net SavedModel, or an ensemble of them) under every
+    combination of `grid`.
+
+    Args:
+        saved_model: path of a SavedModel written by `keras_glas.export`, or a list of paths:
+            an ensemble whose averaged maps (`averaged_maps`) are post-processed over the
+            first one's options.
         dataset, data_dir: TFDS dataset name and data_dir.
         grid: `{option: [value text, ...]}` over `PostprocessOptions` fields (`parse_grid`).
         splits: `validation` and / or test split names.
@@ -91,23 +149,29 @@ def sweep(saved_model, dataset, data_dir, grid, splits=(VALIDATION, *SPLITS), pr
         "seconds": {"predict", "postprocess_and_score"}[, "validation_split"]
         [, "selected_on_validation"]}`.
     Raises:
-        ValueError: the SavedModel is not a U-Net, or the grid names an unknown option or a
-            bad value (`keras_glas.evaluate.repostprocess_options`, before any prediction).
+        ValueError (before any prediction): a SavedModel is not a U-Net, the members held out
+            different validation images, or the grid names an unknown option or a bad value
+            (`keras_glas.evaluate.repostprocess_options`); (while predicting) the members'
+            maps differ (`averaged_maps`).
     """
-    info = read_export_info(saved_model)
-    variants = {name: repostprocess_options(info, overrides)
+    saved_models = [saved_model] if isinstance(saved_model, (str, os.PathLike)) else saved_model
+    infos = [read_export_info(path) for path in saved_models]
+    for path, info in zip(saved_models, infos, strict=True):
+        if info.get("model_kind", "unet") != "unet":
+            raise ValueError(f"{path} is a {info['model_kind']} SavedModel: the sweep "
+                             "post-processes U-Net maps again")
+    variants = {name: repostprocess_options(infos[0], overrides)
                 for name, overrides in grid_overrides(grid).items()}
-    predictor = SavedModelPredictor(saved_model)
-    record = {"base_postprocess": info.get("postprocess"), "grid": grid, "variants": {}}
+    if VALIDATION in splits:
+        held_out = ensemble_validation_split(saved_models)
+    predictors = [SavedModelPredictor(path) for path in saved_models]
+    record = {"base_postprocess": infos[0].get("postprocess"), "grid": grid, "variants": {}}
     kept, start = {}, time.perf_counter()
     for split in splits:
         tfds_split = split
         if split == VALIDATION:
-            tfds_split = record["validation_split"] = validation_split(saved_model)
-        kept[split] = [(image_name, ground_truth,
-                        {key: outputs[key] for key in MAP_KEYS if key in outputs})
-                       for image_name, _, ground_truth, outputs in predicted_examples(
-                           predictor, dataset, tfds_split, data_dir, progress)]
+            tfds_split = record["validation_split"] = held_out
+        kept[split] = averaged_maps(predictors, dataset, tfds_split, data_dir, progress)
     predict_seconds, start = time.perf_counter() - start, time.perf_counter()
     for name, options in variants.items():
         record["variants"][name] = {"postprocess": dataclasses.asdict(options)}
@@ -150,8 +214,9 @@ def format_table(record) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.postprocess_sweep",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("saved_model", metavar="SAVED_MODEL",
-                        help="a U-Net SavedModel from python -m keras_glas.export")
+    parser.add_argument("saved_models", nargs="+", metavar="SAVED_MODEL",
+                        help="a U-Net SavedModel from python -m keras_glas.export; several: "
+                             "their ensemble (maps averaged)")
     parser.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                         help="post-processing options and the values to try, e.g. "
                              "threshold=0.4,0.5,0.6 min_size=300,1000")
@@ -162,11 +227,12 @@ def main(argv=None):
     parser.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
     try:
-        record = sweep(args.saved_model, args.dataset, args.data_dir, parse_grid(args.grid),
+        record = sweep(args.saved_models, args.dataset, args.data_dir, parse_grid(args.grid),
                        tuple(args.splits))
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
-    record = {"saved_model": args.saved_model, "dataset": args.dataset,
+    saved_model = args.saved_models[0] if len(args.saved_models) == 1 else args.saved_models
+    record = {"saved_model": saved_model, "dataset": args.dataset,
               "command": shlex.join(["python", "-m", "benchmarks.postprocess_sweep",
                                      *(argv if argv is not None else sys.argv[1:])]),
               **record, **machine_info()}

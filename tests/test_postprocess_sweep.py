@@ -1,6 +1,7 @@
 """benchmarks.postprocess_sweep: a grid of post-processing settings scored from one prediction."""
 import json
 
+import numpy as np
 import pytest
 
 from keras_glas import evaluate
@@ -87,3 +88,54 @@ def test_unknown_option_is_refused_before_predicting(saved_model, synthetic_data
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "thresh=0.5" in error and "min_size" in error
+
+
+def test_an_ensemble_of_one_model_twice_scores_as_the_model(saved_model, synthetic_data_dir):
+    grid = {"min_size": ["20"]}
+    single = postprocess_sweep.sweep(saved_model, "glas/synthetic", synthetic_data_dir, grid,
+                                     ("validation", "test_a"), progress=False)
+    twice = postprocess_sweep.sweep([saved_model, saved_model], "glas/synthetic",
+                                    synthetic_data_dir, grid, ("validation", "test_a"),
+                                    progress=False)
+    assert twice["variants"] == single["variants"]
+    assert twice["validation_split"] == single["validation_split"] == "train[:25%]"
+
+
+def constant_predictor(probability, contour=None):
+    """A stand-in for `SavedModelPredictor`: the same maps for every image."""
+    def predict(image):
+        maps = {"probabilities": np.full(image.shape[:2], probability, np.float32)}
+        if contour is not None:
+            maps["contour"] = np.full(image.shape[:2], contour, np.float32)
+        return maps
+    return predict
+
+
+def test_averaged_maps_are_the_mean_of_the_members(synthetic_data_dir):
+    members = [constant_predictor(0.2, 0.9), constant_predictor(0.6, 0.1),
+               constant_predictor(0.7, 0.2)]
+    examples = postprocess_sweep.averaged_maps(members, "glas/synthetic", "test_b",
+                                               synthetic_data_dir, progress=False)
+    alone = postprocess_sweep.averaged_maps(members[:1], "glas/synthetic", "test_b",
+                                            synthetic_data_dir, progress=False)
+    assert [name for name, _, _ in examples] == [name for name, _, _ in alone]
+    for (_, ground_truth, maps), (_, truth_alone, _) in zip(examples, alone, strict=True):
+        np.testing.assert_array_equal(ground_truth, truth_alone)
+        assert maps["probabilities"].shape == ground_truth.shape
+        np.testing.assert_allclose(maps["probabilities"], 0.5, rtol=1e-6)
+        np.testing.assert_allclose(maps["contour"], 0.4, rtol=1e-6)
+
+
+def test_members_with_different_maps_are_refused(synthetic_data_dir):
+    with pytest.raises(ValueError, match="contour head"):
+        postprocess_sweep.averaged_maps([constant_predictor(0.2, 0.9), constant_predictor(0.6)],
+                                        "glas/synthetic", "test_b", synthetic_data_dir,
+                                        progress=False)
+
+
+def test_members_that_held_out_different_images_are_refused(monkeypatch):
+    held_out = {"run_a": "train[:10%]", "run_b": "train[:20%]"}
+    monkeypatch.setattr(postprocess_sweep, "validation_split", held_out.get)
+    assert postprocess_sweep.ensemble_validation_split(["run_a", "run_a"]) == "train[:10%]"
+    with pytest.raises(ValueError, match="different validation images"):
+        postprocess_sweep.ensemble_validation_split(["run_a", "run_b"])
