@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from keras_glas import train
 from keras_glas.config import load_config
 
 from benchmarks import real_glas
@@ -27,6 +28,18 @@ def test_cpu_config_validates_on_real_data_with_a_validation_split(model):
     assert config.model.name == model
     assert config.data.dataset == "glas/binary_masks"
     assert config.data.validation_fraction > 0  # checkpoint selection on train[:k%], not test
+
+
+@pytest.mark.parametrize("model", ["unet", "maskrcnn"])
+def test_smoke_train_arguments_validate_against_the_cpu_config(model):
+    """--smoke trains each model with its CPU config plus SMOKE_TRAIN_ARGS: the overrides must
+    make a valid config (a 64-px scale with the config's taller input_height did not)."""
+    args = train.parse_args([model, "--config", str(real_glas.config_path(model)),
+                             *real_glas.SMOKE_TRAIN_ARGS[model]])
+    config = load_config(args.config, train.overrides_from_args(args))
+    assert config.model.name == model
+    assert config.data.image_size == 64 and config.data.input_height <= 64
+    assert config.train.epochs == 1 and config.train.steps_per_epoch == 2
 
 
 def test_study_variants_switch_one_step_on_at_a_time():
