@@ -16,7 +16,11 @@ metric variants (`seed`, see `keras_glas.metrics.seed_compatible_scores`), print
 table and writes them as JSON:
 `{"model", "dataset", "ground_truth", "postprocess", "test_a": {"f1", "object_dice",
 "object_hausdorff", "count", "tp", "fp", "fn", "n_images", "seed": {"f1", "object_dice",
-"object_hausdorff", "count"}}, "test_b": {...}}`. `--figures DIR` saves the best, average
+"object_hausdorff", "count"}, "object_classes": {...}}, "test_b": {...}}`. `object_classes`
+says why the official F1 counts each error (`keras_glas.metrics.official_object_classes`:
+ground-truth objects missed, merged into another's prediction or only partly covered;
+predictions on background or covering at most half of a gland), with each class's count and
+median area in pixels; the CLI prints it under the table. `--figures DIR` saves the best, average
 (median) and worst prediction of each split by per-image object Dice: image, ground truth
 overlay, prediction overlay.
 
@@ -144,6 +148,8 @@ def score_split(scored):
         "n_images": len(scored),
         "seed": {key: float(seed[key])
                  for key in ("f1", "object_dice", "object_hausdorff", "count")},
+        "object_classes": metrics.pool_object_classes(
+            [metrics.official_object_classes(p, g) for p, g in zip(preds, gts, strict=True)]),
     }
 
 
@@ -159,6 +165,20 @@ def format_table(name, results):
         cells = [name, split] + [f"{row[key]:.3f}" for _, key in TABLE_COLUMNS] + [
             f"{row['seed'][key]:.3f}" for _, key in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_object_classes(results):
+    """One line per split: the official F1's errors by class, with median areas in pixels."""
+    lines = []
+    for split in (*SPLITS, VALIDATION):
+        if split not in results:
+            continue
+        classes = results[split]["object_classes"]
+        cells = [f"{name} {value['count']}" + (f" (median {value['median_area']:.0f} px)"
+                                                 if value["count"] else "")
+                 for name, value in classes.items()]
+        lines.append(f"{split} objects: " + ", ".join(cells))
     return "\n".join(lines)
 
 
@@ -296,6 +316,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(format_table(results["model"], results))
+    print(format_object_classes(results))
     if args.json:
         write_json(args.json, results)
         print(f"scores written to {args.json}")

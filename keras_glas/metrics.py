@@ -727,6 +727,77 @@ def object_hausdorff(pred, gt) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Where the official F1 loses objects
+# --------------------------------------------------------------------------------------------
+# The classes of `official_object_classes`, in the order of its dict.
+OBJECT_CLASSES = ("tp", "fn_missed", "fn_merged", "fn_partial", "fp_background", "fp_partial")
+
+
+def official_object_classes(pred, gt) -> dict[str, np.ndarray]:
+    """Sort the objects of one image by how the official F1 counts them, and why.
+
+    A ground-truth object that no prediction matches (a false negative) is
+    - `fn_missed`: no predicted pixel lies on it;
+    - `fn_merged`: a predicted object covers more than half of it, but that object's partner is
+      another ground-truth object (one prediction spans several glands: only one counts);
+    - `fn_partial`: predicted pixels lie on it, but no predicted object covers more than half
+      of it (it is fragmented, or only partly found).
+    A predicted object that is not a true positive (a false positive) is
+    - `fp_background`: it touches no ground-truth object;
+    - `fp_partial`: it covers at most half of its partner (a fragment or a sliver of a gland).
+
+    Args:
+        pred: integer label map (H, W), the prediction, 0 = background.
+        gt: integer label map (H, W), the ground truth.
+
+    Returns:
+        dict over `OBJECT_CLASSES` of int64 arrays of object areas in pixels: `tp` the matched
+        ground-truth objects, `fn_*` ground-truth objects, `fp_*` predicted objects. `len(tp)`
+        and the sums of the `fn_*` and of the `fp_*` lengths are `official_image_terms`'s TP,
+        FN and FP.
+    """
+    pred, gt = _check_pair(pred, gt)
+    table = _overlap_table(pred, gt).table
+    overlap = table[1:, 1:]
+    pred_area = table[1:].sum(axis=1)
+    gt_area = table[:, 1:].sum(axis=0)
+    partners = _partners(overlap)
+    with_partner = np.flatnonzero(partners >= 0)
+    true_positive = np.zeros(len(pred_area), dtype=bool)
+    true_positive[with_partner] = (
+        2 * overlap[with_partner, partners[with_partner]] > gt_area[partners[with_partner]])
+    # Disjoint predictions cannot both cover more than half of one object: one match at most.
+    matched = np.zeros(len(gt_area), dtype=bool)
+    matched[partners[true_positive]] = True
+    touched = overlap.any(axis=0)
+    majority_covered = (2 * overlap > gt_area).any(axis=0)
+    missed = ~matched
+    return {
+        "tp": gt_area[matched],
+        "fn_missed": gt_area[missed & ~touched],
+        "fn_merged": gt_area[missed & majority_covered],
+        "fn_partial": gt_area[missed & touched & ~majority_covered],
+        "fp_background": pred_area[partners < 0],
+        "fp_partial": pred_area[(partners >= 0) & ~true_positive],
+    }
+
+
+def pool_object_classes(per_image: Sequence[dict]) -> dict:
+    """Pool `official_object_classes` of a split's images.
+
+    Returns:
+        dict over `OBJECT_CLASSES` of `{"count": int, "median_area": float | None}` (pixels;
+        None for an empty class).
+    """
+    pooled = {}
+    for name in OBJECT_CLASSES:
+        areas = np.concatenate([np.zeros(0, np.int64)] + [image[name] for image in per_image])
+        pooled[name] = {"count": int(areas.size),
+                        "median_area": float(np.median(areas)) if areas.size else None}
+    return pooled
+
+
+# --------------------------------------------------------------------------------------------
 # Seed-compatible protocol (the seed study's BinaryImageMetrics)
 # --------------------------------------------------------------------------------------------
 def _binary_components(labels: np.ndarray) -> tuple[np.ndarray, int]:

@@ -130,6 +130,15 @@ def test_score_split_on_perfect_and_empty_predictions():
 
     empty = evaluate.score_split([ScoredImage("a", np.zeros_like(gt), gt)])
     assert (empty["f1"], empty["object_dice"], empty["count"], empty["fn"]) == (0, 0, 0, 2)
+    assert perfect["object_classes"]["tp"] == {"count": 4, "median_area": 111.0}  # 72, 150 px twice
+    assert empty["object_classes"]["fn_missed"] == {"count": 2, "median_area": 111.0}
+    assert empty["object_classes"]["tp"]["count"] == 0
+    printed = evaluate.format_object_classes({"test_a": perfect, "test_b": empty})
+    assert printed.splitlines() == [
+        "test_a objects: tp 4 (median 111 px), fn_missed 0, fn_merged 0, fn_partial 0, "
+        "fp_background 0, fp_partial 0",
+        "test_b objects: tp 0, fn_missed 2 (median 111 px), fn_merged 0, fn_partial 0, "
+        "fp_background 0, fp_partial 0"]
 
 
 def test_pick_examples_orders_by_object_dice():

@@ -275,6 +275,47 @@ def test_bad_splits_raise_value_error():
         metrics.glas_scores([label_map, label_map.astype(float)], [label_map, label_map])
 
 
+def test_object_classes_say_why_each_error_counts():
+    # One row, ground truth: A cols 0-9 (10 px), B cols 12-17 (6 px) touching C cols 18-21
+    # (4 px), D cols 24-26 (3 px), E cols 30-37 (8 px).
+    gt = row_map(44, {1: (0, 9), 2: (12, 17), 3: (18, 21), 4: (24, 26), 5: (30, 37)})
+    # Prediction: P1 = A exactly (TP). P2 spans B and C (partner B: 6 px against 4) -> TP for
+    # B; C, covered wholly by P2, is lost to the merge. Nothing on D (missed). P3 and P4 each
+    # cover exactly half of E (never "more than half"): two partial FPs, E partial. P5 on
+    # cols 40-42 touches nothing (background FP).
+    pred = row_map(44, {1: (0, 9), 2: (12, 21), 3: (30, 33), 4: (34, 37), 5: (40, 42)})
+    classes = metrics.official_object_classes(pred, gt)
+    assert list(classes) == list(metrics.OBJECT_CLASSES)
+    assert {name: sorted(areas.tolist()) for name, areas in classes.items()} == {
+        "tp": [6, 10], "fn_missed": [3], "fn_merged": [4], "fn_partial": [8],
+        "fp_background": [3], "fp_partial": [4, 4]}
+    result = scores(pred, gt)
+    assert (result["tp"], result["fp"], result["fn"]) == (2, 3, 3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_object_classes_add_up_to_the_official_counts(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        shape = tuple(rng.integers(4, 30, size=2))
+        gt = rng.integers(0, rng.integers(1, 6), size=shape)
+        pred = rng.integers(0, rng.integers(1, 6), size=shape) * (rng.random(shape) < 0.7)
+        classes = metrics.official_object_classes(pred, gt)
+        terms = metrics.official_image_terms(pred, gt)
+        assert len(classes["tp"]) == terms.tp
+        assert sum(len(classes[name]) for name in ("fn_missed", "fn_merged", "fn_partial")) \
+            == terms.fn
+        assert sum(len(classes[name]) for name in ("fp_background", "fp_partial")) == terms.fp
+
+
+def test_pooled_object_classes_count_and_take_medians():
+    gt = row_map(10, {1: (0, 1), 2: (4, 8)})
+    pooled = metrics.pool_object_classes([metrics.official_object_classes(gt, gt),
+                                          metrics.official_object_classes(gt[:, :3], gt[:, :3])])
+    assert pooled["tp"] == {"count": 3, "median_area": 2.0}  # areas 2, 5 and 2
+    assert pooled["fn_missed"] == {"count": 0, "median_area": None}
+
+
 # Pathological predictions (what an untrained model gives) must be scored in bounded time -----
 GLAS_SHAPE = (522, 775)
 
