@@ -233,6 +233,22 @@ def _partners(overlap: np.ndarray) -> np.ndarray:
     return np.where(overlap.max(axis=1) > 0, best, -1)
 
 
+def _true_positives(overlap: np.ndarray, gt_area: np.ndarray, partners: np.ndarray) -> np.ndarray:
+    """The official F1's rule: bool (K,), predicted object k covers more than half of its
+    partner ground-truth object `partners[k]` (from `_partners(overlap)`; -1: none).
+
+    Args:
+        overlap: int (K, M) overlaps of the K predicted with the M ground-truth objects.
+        gt_area: int (M,) areas of the ground-truth objects.
+        partners: int (K,) 0-based partner column of each predicted object, -1 for none.
+    """
+    with_partner = np.flatnonzero(partners >= 0)
+    true_positive = np.zeros(len(partners), dtype=bool)
+    true_positive[with_partner] = (
+        2 * overlap[with_partner, partners[with_partner]] > gt_area[partners[with_partner]])
+    return true_positive
+
+
 def image_diagonal(shape: Sequence[int]) -> float:
     """sqrt(H**2 + W**2) of an image of `shape` (H, W, ...): the Hausdorff of a missing match."""
     return math.hypot(shape[0], shape[1])
@@ -575,9 +591,7 @@ def official_image_terms(pred, gt) -> ImageTerms:
     pred_partners = _partners(overlap)
     gt_partners = _partners(overlap.T)
 
-    matched = np.flatnonzero(pred_partners >= 0)
-    covered = overlap[matched, pred_partners[matched]]
-    tp = int(np.count_nonzero(2 * covered > gt_area[pred_partners[matched]]))
+    tp = int(np.count_nonzero(_true_positives(overlap, gt_area, pred_partners)))
 
     pred_objects = _ObjectGeometry(pred, pred_ids, pred_boxes)
     gt_objects = _ObjectGeometry(gt, gt_ids, gt_boxes)
@@ -762,10 +776,7 @@ def official_object_classes(pred, gt) -> dict[str, np.ndarray]:
     pred_area = table[1:].sum(axis=1)
     gt_area = table[:, 1:].sum(axis=0)
     partners = _partners(overlap)
-    with_partner = np.flatnonzero(partners >= 0)
-    true_positive = np.zeros(len(pred_area), dtype=bool)
-    true_positive[with_partner] = (
-        2 * overlap[with_partner, partners[with_partner]] > gt_area[partners[with_partner]])
+    true_positive = _true_positives(overlap, gt_area, partners)
     # Disjoint predictions cannot both cover more than half of one object: one match at most.
     matched = np.zeros(len(gt_area), dtype=bool)
     matched[partners[true_positive]] = True
