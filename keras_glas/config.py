@@ -27,6 +27,7 @@ import yaml
 
 from keras_glas.atomic import write_text
 from keras_glas.augment import AugmentOptions
+from keras_glas.data import BORDER_MAX_DISTANCE
 from keras_glas.models.maskrcnn.model import DEFAULT_OPTIONS as MASKRCNN_HEAD_OPTIONS
 from keras_glas.postprocess import PostprocessOptions
 
@@ -174,6 +175,9 @@ class TrainConfig:
     `export_test_time_flips` (U-Net only) is `keras_glas.export`'s default for
     `--test-time-flips`: the SavedModel averages the maps over the four flips of each image.
     The validation GlaS metrics of training score without flips, at a quarter of the cost.
+    `contour_gap: g` (U-Net with `contour_head` only) widens the contour head's target from the
+    gland boundaries to the whole of every gap of at most g input pixels between two glands
+    (`keras_glas.data.contour_map`); 0 = boundaries only.
     `ema_momentum: m` keeps an exponential moving average of the weights in every stage's
     optimizer (Keras `use_ema`, `average = m * average + (1 - m) * weights` each step, so it
     spans ~1 / (1 - m) steps); validation, the GlaS metrics, the checkpoints and so the
@@ -188,6 +192,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
     loss: Literal["bce", "dice", "bce_dice", "weighted_bce"] = "bce"
+    contour_gap: int = 0
     early_stopping_patience: int | None = None
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     jit_compile: Literal["auto"] | bool = "auto"
@@ -208,6 +213,11 @@ class TrainConfig:
         if self.early_stopping_patience is not None:
             _check_positive(early_stopping_patience=self.early_stopping_patience)
         _check_non_negative(momentum=self.momentum, weight_decay=self.weight_decay)
+        if not 0 <= self.contour_gap <= BORDER_MAX_DISTANCE:
+            raise ValueError(
+                f"contour_gap must be in 0..{BORDER_MAX_DISTANCE} (pixels of the network "
+                f"input), got {self.contour_gap}"
+            )
         if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in (0, 1) or null, got {self.ema_momentum}")
 
@@ -348,6 +358,13 @@ def _to_config(raw: dict, sources: _Sources) -> Config:
             f"{sources.of('train.export_test_time_flips')}: train.export_test_time_flips "
             "applies to the U-Net only: averaging Mask R-CNN's instances over flips is not "
             "defined. Set it to false"
+        )
+    if config.train.contour_gap and not (
+        config.model.name == "unet" and config.model.contour_head
+    ):
+        raise ConfigError(
+            f"{sources.of('train.contour_gap')}: train.contour_gap shapes the target of the "
+            "U-Net's contour head: set model.contour_head=true, or contour_gap to 0"
         )
     if config.model.name == "unet":
         _check_unet_input_divisible(config, sources)

@@ -58,6 +58,7 @@ def make_dataset(
     data_dir=None,
     cache=False,
     contour=False,
+    contour_gap=0,
     border_weights=False,
     max_instances=100,
     shuffle=None,
@@ -89,6 +90,9 @@ def make_dataset(
             of `augment.cached_side(image_size, options)` (1.25·S with crops, S without), so
             that an epoch only crops, flips and resizes by a small factor: use a cache for speed.
         contour: unet only: add the gland-boundary target `"contour"`.
+        contour_gap: unet with `contour` only: the contour target also covers the background
+            between two glands where the gap is at most this many pixels of the network input
+            (d1 + d2, see `contour_map`), 0..`BORDER_MAX_DISTANCE`; 0 = boundaries only.
         border_weights: unet only: also yield the original U-Net border weight map as
             `sample_weight`.
         max_instances: maskrcnn only: N, the padded number of boxes; an image with more
@@ -138,6 +142,13 @@ def make_dataset(
         raise ValueError(
             "make_dataset: contour and border_weights are targets of model='unet' only"
         )
+    if not isinstance(contour_gap, int) or not 0 <= contour_gap <= BORDER_MAX_DISTANCE:
+        raise ValueError(
+            f"make_dataset: contour_gap must be an int in 0..{BORDER_MAX_DISTANCE}, "
+            f"got {contour_gap!r}"
+        )
+    if contour_gap and not contour:
+        raise ValueError("make_dataset: contour_gap > 0 shapes the contour target: set contour")
     options = AugmentOptions.resolve(augment)
     if model == "eval":
         options, shuffle = AugmentOptions.resolve(False), False
@@ -163,7 +174,8 @@ def make_dataset(
         # One (2,) seed per example from a seeded random stream: reproducible, and new each epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         prepare = _training_example_fn(
-            model, image_size, input_height, options, contour, border_weights, max_instances
+            model, image_size, input_height, options, contour, contour_gap, border_weights,
+            max_instances,
         )
         dataset = tf.data.Dataset.zip(examples, seeds).map(
             prepare, num_parallel_calls=tf.data.AUTOTUNE
@@ -335,7 +347,7 @@ def _shrink_example_fn(side):
 
 
 def _training_example_fn(
-    model, image_size, input_height, options, contour, border_weights, max_instances
+    model, image_size, input_height, options, contour, contour_gap, border_weights, max_instances
 ):
     """Returns the `map` function: (example, seed) → augmented model input and targets."""
 
@@ -346,11 +358,13 @@ def _training_example_fn(
         if model == "maskrcnn":
             return image, maskrcnn_targets(labels, max_instances, example["name"])
         targets = {"mask": tf.cast(labels > 0, tf.float32)[..., None]}
+        # One wavefront serves both the border weights and the gap-covering contour target.
+        gaps = gland_gap_widths(labels) if border_weights or contour_gap else None
         if contour:
-            targets["contour"] = contour_map(labels)[..., None]
+            targets["contour"] = contour_map(labels, gaps, contour_gap)[..., None]
         if not border_weights:
             return image, targets
-        weights = {"mask": border_weight_map(labels)}
+        weights = {"mask": border_weight_map(labels, gaps=gaps)}
         if contour:
             weights["contour"] = tf.ones_like(weights["mask"])
         return image, targets, weights
@@ -376,21 +390,33 @@ def _max_pool(values):
     return _neighbour_max_1d(_neighbour_max_1d(values, 0), 1)
 
 
-def contour_map(labels):
+def contour_map(labels, gaps=None, max_gap=0):
     """Gland boundary pixels of an instance map, float32 (H, W) in {0, 1}.
 
     A pixel is on a boundary when it belongs to a gland and its 3×3 neighbourhood holds another
     id (background or a touching gland); the boundary is then dilated by one pixel (3 px wide),
-    which separates touching glands. The image edge is not a boundary.
+    which separates touching glands. The image edge is not a boundary. With `max_gap` > 0 the
+    map also covers the background pixels whose d1 + d2 (`gaps`) is at most `max_gap`: the
+    narrow strips of stroma between close glands, whole. A contour head trained on that learns
+    to cut a mask that bridges such a strip, where the boundaries alone leave a path between
+    the two glands' seeds (`postprocess`'s contour split seeds on mask and not contour).
 
     Args:
         labels: int32 (H, W) instance map.
+        gaps: float32 (H, W) `gland_gap_widths(labels)`; needed when `max_gap` > 0.
+        max_gap: widest gap, in pixels, that the map covers; 0 = boundaries only.
     """
     ids = tf.cast(labels, tf.float32)
     neighbour_max = _max_pool(ids)
     neighbour_min = -_max_pool(-ids)
     boundary = (ids > 0) & ((neighbour_max != ids) | (neighbour_min != ids))
-    return _max_pool(tf.cast(boundary, tf.float32))
+    contour = _max_pool(tf.cast(boundary, tf.float32))
+    if max_gap <= 0:
+        return contour
+    if gaps is None:
+        raise ValueError("contour_map: max_gap > 0 needs gaps = gland_gap_widths(labels)")
+    narrow_gap = (ids == 0) & (gaps <= float(max_gap))
+    return tf.maximum(contour, tf.cast(narrow_gap, tf.float32))
 
 
 def _dilate(values, step):
@@ -404,17 +430,15 @@ def _dilate(values, step):
     return tf.maximum(_neighbour_max_1d(values, 0), _neighbour_max_1d(values, 1))
 
 
-def border_weight_map(labels, w0=BORDER_W0, sigma=BORDER_SIGMA, max_distance=BORDER_MAX_DISTANCE):
-    """The original U-Net weight map w = w_c + w0·exp(-(d1 + d2)² / (2σ²)), float32 (H, W).
+def gland_gap_widths(labels, max_distance=BORDER_MAX_DISTANCE):
+    """d1 + d2 of every pixel, float32 (H, W): its distances to the nearest and the
+    second-nearest gland (0 + the distance to another gland on a gland pixel; for a background
+    pixel between two glands, about the width of the gap it lies in).
 
-    d1 and d2 are the distances of a background pixel to the nearest and the second-nearest
-    gland. They are found by a wavefront of `max_distance` iterative dilations that carries the
+    The distances are found by a wavefront of `max_distance` iterative dilations that carries the
     nearest and second-nearest gland ids (octagonal distance, see `_dilate`; a wavefront keeps
     only two ids per pixel, so a third gland that is closer through a neighbour is missed).
-    Pixels with no second gland within `max_distance` get no border term (its value there would
-    be below w0·exp(-max_distance²/(2σ²))). The term applies to background pixels only (the
-    gaps between glands). w_c balances the classes per image: N / (2 N_c) for each class c
-    present in both; 1 everywhere when the image has a single class.
+    Pixels with no second gland within `max_distance` get `inf`.
 
     Args:
         labels: int32 (H, W) instance map.
@@ -445,10 +469,26 @@ def border_weight_map(labels, w0=BORDER_W0, sigma=BORDER_SIGMA, max_distance=BOR
         reached = (second == 0) & (other > 0)
         second = tf.where(reached, other, second)
         d2 = tf.where(reached, float(step), d2)
+    return d1 + d2
 
-    border = w0 * tf.exp(-tf.square(d1 + d2) / (2.0 * sigma**2))
-    foreground = ids > 0
-    total = tf.cast(tf.size(ids), tf.float32)
+
+def border_weight_map(labels, w0=BORDER_W0, sigma=BORDER_SIGMA, gaps=None):
+    """The original U-Net weight map w = w_c + w0·exp(-(d1 + d2)² / (2σ²)), float32 (H, W).
+
+    d1 and d2 are the distances of a background pixel to the nearest and the second-nearest
+    gland (`gland_gap_widths`, followed up to `BORDER_MAX_DISTANCE`, beyond which the term is
+    below w0·exp(-BORDER_MAX_DISTANCE²/(2σ²))). The term applies to background pixels only
+    (the gaps between glands). w_c balances the classes per image: N / (2 N_c) for each class c
+    present in both; 1 everywhere when the image has a single class.
+
+    Args:
+        labels: int32 (H, W) instance map.
+        gaps: `gland_gap_widths(labels)` when the caller has it already; computed otherwise.
+    """
+    gaps = gland_gap_widths(labels) if gaps is None else gaps
+    border = w0 * tf.exp(-tf.square(gaps) / (2.0 * sigma**2))
+    foreground = labels > 0
+    total = tf.cast(tf.size(labels), tf.float32)
     n_foreground = tf.reduce_sum(tf.cast(foreground, tf.float32))
     n_background = total - n_foreground
     both = (n_foreground > 0) & (n_background > 0)

@@ -292,7 +292,7 @@ def make_datasets(config: Config) -> tuple[tf.data.Dataset, tf.data.Dataset | No
         seed=config.train.seed,
     )
     if model.name == "unet":
-        options.update(contour=model.contour_head,
+        options.update(contour=model.contour_head, contour_gap=config.train.contour_gap,
                        border_weights=config.train.loss == "weighted_bce")
     train_split = f"train[{percent}%:]" if percent else "train"
     train_ds = make_dataset(data.dataset, split=train_split, augment=data.augment, **options)

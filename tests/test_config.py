@@ -186,6 +186,18 @@ def test_jit_compile_is_auto_or_a_bool_and_unet_only_when_forced(tmp_path):
     assert load_config(path, ["train.jit_compile=auto"]).train.jit_compile == "auto"
 
 
+def test_contour_gap_needs_the_unet_contour_head_and_a_reachable_width(tmp_path):
+    assert load_config(None).train.contour_gap == 0
+    path = write(tmp_path, "model:\n  contour_head: true\n")
+    assert load_config(path, ["train.contour_gap=8"]).train.contour_gap == 8
+    with pytest.raises(ConfigError, match=r"--set train\.contour_gap=8.*model\.contour_head=true"):
+        load_config(None, ["train.contour_gap=8"])
+    with pytest.raises(ConfigError, match=r"contour_gap must be in 0\.\.20.*got 21"):
+        load_config(path, ["train.contour_gap=21"])
+    with pytest.raises(ConfigError, match=r"contour_gap must be in 0\.\.20.*got -1"):
+        load_config(path, ["train.contour_gap=-1"])
+
+
 def test_export_test_time_flips_is_a_bool_for_the_unet_only(tmp_path):
     assert load_config(None).train.export_test_time_flips is False
     assert load_config(None, ["train.export_test_time_flips=true"]).train.export_test_time_flips

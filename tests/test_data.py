@@ -9,7 +9,7 @@ import scipy.ndimage as ndi
 import tensorflow as tf
 
 from keras_glas.augment import AugmentOptions
-from keras_glas.data import border_weight_map, contour_map, make_dataset
+from keras_glas.data import border_weight_map, contour_map, gland_gap_widths, make_dataset
 
 
 def example_labels(index, height=40, width=56):
@@ -111,6 +111,77 @@ def test_the_image_edge_is_not_a_contour():
     np.testing.assert_array_equal(contour[:, :4], 0)  # along the image edges
     np.testing.assert_array_equal(contour[:, 4:7], 1)  # its one real boundary, 3 px wide
     np.testing.assert_array_equal(contour[:, 7:], 0)
+
+
+def two_glands_and_a_far_one(gap):
+    """Glands 1 and 2 side by side with `gap` background columns between them; gland 3 far off."""
+    labels = np.zeros((40, 60), np.int32)
+    labels[6:30, 4:20] = 1
+    labels[6:30, 20 + gap : 36 + gap] = 2
+    labels[6:30, 56:] = 3
+    return labels
+
+
+def test_gap_widths_across_a_straight_gap_are_its_width_plus_one():
+    labels = two_glands_and_a_far_one(gap=4)
+    gaps = gland_gap_widths(tf.constant(labels)).numpy()
+    np.testing.assert_array_equal(gaps[6:30, 20:24], 5.0)  # d1 + d2 = 1 + 4, 2 + 3, ...
+    # A gland pixel: 0 + the distance to the nearest other gland.
+    assert gaps[15, 19] == 5.0 and gaps[15, 10] == 14.0
+    assert np.isinf(gaps[39, 0])  # gland 1 is 10 px away, every other one over 20
+    # Beyond max_distance no second gland is found.
+    assert np.isinf(gland_gap_widths(tf.constant(labels), max_distance=2).numpy()[15, 21])  # d2 = 3
+
+
+@pytest.mark.parametrize("gap", [2, 4, 7])
+def test_contour_with_max_gap_covers_narrow_gaps_whole_and_leaves_wide_ones(gap):
+    labels = two_glands_and_a_far_one(gap)
+    gaps = gland_gap_widths(tf.constant(labels))
+    boundaries = contour_map(tf.constant(labels)).numpy()
+    covered = contour_map(tf.constant(labels), gaps, max_gap=6).numpy()
+    between = covered[6:30, 20 : 20 + gap]
+    assert set(np.unique(covered)) == {0.0, 1.0}
+    if gap + 1 <= 6:
+        np.testing.assert_array_equal(between, 1.0)  # the whole strip, boundaries or not
+    else:
+        assert between.min() == 0.0  # the middle of a wider gap stays background
+    # Everything the boundaries mark stays marked; nothing is added inside glands or far away.
+    assert np.all(covered >= boundaries)
+    np.testing.assert_array_equal(covered[labels > 0], boundaries[labels > 0])
+    np.testing.assert_array_equal(covered[:, 40 + gap : 50], 0.0)  # 20 px from glands 2 and 3
+    np.testing.assert_array_equal(covered[34:, :], boundaries[34:, :])
+
+
+def test_contour_max_gap_needs_the_gap_widths():
+    with pytest.raises(ValueError, match="gland_gap_widths"):
+        contour_map(tf.constant(two_glands_and_a_far_one(4)), max_gap=6)
+
+
+def test_unet_contour_gap_widens_the_contour_target():
+    def contour_targets(contour_gap):
+        dataset = make_dataset(in_memory(), batch_size=8, image_size=56, augment=False,
+                               contour=True, contour_gap=contour_gap, border_weights=True)
+        _, y, _ = next(iter(dataset))
+        return y["contour"].numpy(), y["mask"].numpy()
+
+    (boundaries, mask), (widened, same_mask) = contour_targets(0), contour_targets(8)
+    np.testing.assert_array_equal(mask, same_mask)
+    assert widened.sum() > boundaries.sum()
+    assert np.all(widened >= boundaries)
+    assert np.all(mask[widened > boundaries] == 0)  # added pixels are background
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"contour": True, "contour_gap": 21}, "contour_gap must be an int in 0..20"),
+        ({"contour": True, "contour_gap": 2.5}, "contour_gap must be an int"),
+        ({"contour_gap": 4}, "set contour"),
+    ],
+)
+def test_bad_contour_gap_is_a_clear_error(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_dataset(in_memory(), batch_size=2, image_size=32, **options)
 
 
 def reference_border_weights(labels, w0=10.0, sigma=5.0):
